@@ -1,0 +1,22 @@
+//! The ferry policy model: pod annotations and policy files parsed into one typed
+//! [`Policy`], validated with field-level errors.
+//!
+//! Pure: no I/O. The sidecar and the injector both judge an annotation with this crate,
+//! so they never disagree about what a value means.
+
+#![forbid(unsafe_code)]
+
+pub mod annotations;
+mod error;
+mod policy;
+pub mod settings;
+
+pub use error::{Errors, FieldError};
+pub use policy::{
+    DEFAULT_ADMIN, DEFAULT_DETECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
+    Endpoints, Listener, ListenerKind, Policy, Route, RouteMatch, Service,
+};
+pub use settings::{Formats, HashOn, Lb, Overrides, Settings};
+
+/// The prefix of every ferry annotation and label.
+pub const ANNOTATION_PREFIX: &str = annotations::PREFIX;

@@ -1,0 +1,502 @@
+//! The per-service settings, their string forms, and their parsers.
+//!
+//! Every setting is parsed from a string, whether it comes from an annotation or a
+//! policy file, so both are judged by the same words.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Load-balancing algorithm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Lb {
+    /// Power of two choices over peak-EWMA latency, weighted by in-flight requests.
+    #[default]
+    P2cEwma,
+    RoundRobin,
+    /// Power of two choices over in-flight requests.
+    LeastRequest,
+    Random,
+    RingHash,
+    Maglev,
+}
+
+impl Lb {
+    pub const ALL: [Lb; 6] = [
+        Lb::P2cEwma,
+        Lb::RoundRobin,
+        Lb::LeastRequest,
+        Lb::Random,
+        Lb::RingHash,
+        Lb::Maglev,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lb::P2cEwma => "p2c-ewma",
+            Lb::RoundRobin => "round-robin",
+            Lb::LeastRequest => "least-request",
+            Lb::Random => "random",
+            Lb::RingHash => "ring-hash",
+            Lb::Maglev => "maglev",
+        }
+    }
+
+    pub fn is_hash(self) -> bool {
+        matches!(self, Lb::RingHash | Lb::Maglev)
+    }
+
+    pub fn parse(s: &str) -> Result<Lb, String> {
+        Lb::ALL
+            .into_iter()
+            .find(|lb| lb.as_str() == s.trim())
+            .ok_or_else(|| {
+                let names: Vec<_> = Lb::ALL.iter().map(|l| l.as_str()).collect();
+                format!("is not a balancer (allowed: {})", names.join(", "))
+            })
+    }
+}
+
+impl fmt::Display for Lb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The key hash balancers pick an endpoint by.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HashOn {
+    #[default]
+    SourceIp,
+    /// A request header, lower-cased. Requests without it fall back to the source IP.
+    Header(String),
+}
+
+impl HashOn {
+    pub fn parse(s: &str) -> Result<HashOn, String> {
+        let s = s.trim();
+        const ALLOWED: &str = "(allowed: source-ip, header:<name>)";
+        if s == "source-ip" {
+            return Ok(HashOn::SourceIp);
+        }
+        match s.strip_prefix("header:") {
+            Some(name) if is_header_name(name) => Ok(HashOn::Header(name.to_ascii_lowercase())),
+            Some(_) => Err(format!("does not name a valid header {ALLOWED}")),
+            None => Err(format!("is not a hash key {ALLOWED}")),
+        }
+    }
+}
+
+impl fmt::Display for HashOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashOn::SourceIp => f.write_str("source-ip"),
+            HashOn::Header(h) => write!(f, "header:{h}"),
+        }
+    }
+}
+
+fn is_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Trace-context header formats, as a bit set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Formats(u8);
+
+impl Formats {
+    pub const NONE: Formats = Formats(0);
+    pub const W3C: Formats = Formats(1);
+    /// Single `b3` header.
+    pub const B3: Formats = Formats(2);
+    /// `x-b3-traceid`, `x-b3-spanid`, ... headers.
+    pub const B3_MULTI: Formats = Formats(4);
+    pub const JAEGER: Formats = Formats(8);
+    const NAMES: [(&'static str, Formats); 4] = [
+        ("w3c", Formats::W3C),
+        ("b3", Formats::B3),
+        ("b3multi", Formats::B3_MULTI),
+        ("jaeger", Formats::JAEGER),
+    ];
+
+    pub fn contains(self, other: Formats) -> bool {
+        self.0 & other.0 == other.0 && other.0 != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub fn parse(s: &str) -> Result<Formats, String> {
+        let s = s.trim();
+        if s == "none" {
+            return Ok(Formats::NONE);
+        }
+        let mut out = 0;
+        for part in s.split(',').map(str::trim) {
+            match Formats::NAMES.iter().find(|(n, _)| *n == part) {
+                Some((_, f)) => out |= f.0,
+                None => {
+                    return Err(format!(
+                        "is not a list of trace formats (allowed: w3c, b3, b3multi, jaeger, comma separated, or none; {part:?} is unknown)"
+                    ));
+                }
+            }
+        }
+        Ok(Formats(out))
+    }
+}
+
+impl Default for Formats {
+    fn default() -> Self {
+        Formats::W3C
+    }
+}
+
+impl std::ops::BitOr for Formats {
+    type Output = Formats;
+    fn bitor(self, rhs: Formats) -> Formats {
+        Formats(self.0 | rhs.0)
+    }
+}
+
+impl fmt::Display for Formats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 == 0 {
+            return f.write_str("none");
+        }
+        let names: Vec<_> = Formats::NAMES
+            .iter()
+            .filter(|(_, v)| self.contains(*v))
+            .map(|(n, _)| *n)
+            .collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// Fully resolved settings for one service or route: what a request runs under.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub lb: Lb,
+    pub hash_on: HashOn,
+    /// Whole-request deadline; `None` means no deadline but the client's own.
+    pub timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub retries: u32,
+    pub trace_propagation: Formats,
+    pub trace_sampling: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            lb: Lb::P2cEwma,
+            hash_on: HashOn::SourceIp,
+            timeout: None,
+            connect_timeout: Duration::from_secs(1),
+            retries: 0,
+            trace_propagation: Formats::W3C,
+            trace_sampling: 1.0,
+        }
+    }
+}
+
+/// Settings one layer sets; `None` leaves the value of the layer below.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Overrides {
+    pub lb: Option<Lb>,
+    pub hash_on: Option<HashOn>,
+    /// `Some(None)` switches an inherited deadline off.
+    pub timeout: Option<Option<Duration>>,
+    pub connect_timeout: Option<Duration>,
+    pub retries: Option<u32>,
+    pub trace_propagation: Option<Formats>,
+    pub trace_sampling: Option<f64>,
+}
+
+impl Overrides {
+    /// The setting names, shared by annotations (`ferry.dev/<name>`) and policy files.
+    pub const KEYS: [&'static str; 7] = [
+        "lb",
+        "hash-on",
+        "timeout",
+        "connect-timeout",
+        "retries",
+        "trace-propagation",
+        "trace-sampling",
+    ];
+
+    /// Sets `key` from its string form. `Ok(false)` when `key` is not a setting.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
+        match key {
+            "lb" => self.lb = Some(Lb::parse(value)?),
+            "hash-on" => self.hash_on = Some(HashOn::parse(value)?),
+            "timeout" => self.timeout = Some(parse_timeout(value)?),
+            "connect-timeout" => {
+                let d = parse_duration(value)?;
+                if d.is_zero() {
+                    return Err("must be greater than zero (examples: 250ms, 2s)".into());
+                }
+                self.connect_timeout = Some(d)
+            }
+            "retries" => self.retries = Some(parse_retries(value)?),
+            "trace-propagation" => self.trace_propagation = Some(Formats::parse(value)?),
+            "trace-sampling" => self.trace_sampling = Some(parse_ratio(value)?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The set values as `(key, string form)`, in `KEYS` order.
+    pub fn entries(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(v) = self.lb {
+            out.push(("lb", v.to_string()));
+        }
+        if let Some(v) = &self.hash_on {
+            out.push(("hash-on", v.to_string()));
+        }
+        if let Some(v) = self.timeout {
+            out.push(("timeout", format_timeout(v)));
+        }
+        if let Some(v) = self.connect_timeout {
+            out.push(("connect-timeout", format_duration(v)));
+        }
+        if let Some(v) = self.retries {
+            out.push(("retries", v.to_string()));
+        }
+        if let Some(v) = self.trace_propagation {
+            out.push(("trace-propagation", v.to_string()));
+        }
+        if let Some(v) = self.trace_sampling {
+            out.push(("trace-sampling", v.to_string()));
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Overrides::default()
+    }
+
+    /// `top` layered over `self`: each value `top` sets wins.
+    pub fn overlay(&self, top: &Overrides) -> Overrides {
+        Overrides {
+            lb: top.lb.or(self.lb),
+            hash_on: top.hash_on.clone().or_else(|| self.hash_on.clone()),
+            timeout: top.timeout.or(self.timeout),
+            connect_timeout: top.connect_timeout.or(self.connect_timeout),
+            retries: top.retries.or(self.retries),
+            trace_propagation: top.trace_propagation.or(self.trace_propagation),
+            trace_sampling: top.trace_sampling.or(self.trace_sampling),
+        }
+    }
+
+    /// These overrides applied to `base`.
+    pub fn apply(&self, base: &Settings) -> Settings {
+        Settings {
+            lb: self.lb.unwrap_or(base.lb),
+            hash_on: self.hash_on.clone().unwrap_or_else(|| base.hash_on.clone()),
+            timeout: self.timeout.unwrap_or(base.timeout),
+            connect_timeout: self.connect_timeout.unwrap_or(base.connect_timeout),
+            retries: self.retries.unwrap_or(base.retries),
+            trace_propagation: self.trace_propagation.unwrap_or(base.trace_propagation),
+            trace_sampling: self.trace_sampling.unwrap_or(base.trace_sampling),
+        }
+    }
+}
+
+const DURATION_HINT: &str = "is not a duration (examples: 250ms, 2s)";
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|_| DURATION_HINT.to_string())
+}
+
+pub fn format_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// A deadline, where `off` (or zero) means none.
+pub fn parse_timeout(s: &str) -> Result<Option<Duration>, String> {
+    let s = s.trim();
+    if s == "off" || s == "none" || s == "0" {
+        return Ok(None);
+    }
+    let d = humantime::parse_duration(s)
+        .map_err(|_| "is not a duration (examples: 250ms, 2s, or off)".to_string())?;
+    Ok(if d.is_zero() { None } else { Some(d) })
+}
+
+pub fn format_timeout(t: Option<Duration>) -> String {
+    t.map(format_duration).unwrap_or_else(|| "off".into())
+}
+
+fn parse_retries(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n <= 10 => Ok(n),
+        _ => Err("is not a retry count (a whole number from 0 to 10)".into()),
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err("is not a sampling ratio (a number from 0 to 1, such as 0.1)".into()),
+    }
+}
+
+/// A comma-separated list of TCP ports.
+pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|p| match p.trim().parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "is not a list of ports (comma-separated numbers from 1 to 65535, such as 5432,6379; {:?} is not one)",
+                p.trim()
+            )),
+        })
+        .collect()
+}
+
+/// A comma-separated list of CIDRs (`10.0.0.0/8`, `fd00::/8`), returned normalised.
+pub fn parse_cidrs(s: &str) -> Result<Vec<String>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|c| {
+            let c = c.trim();
+            let bad = || {
+                format!("is not a list of CIDRs (such as 10.0.0.0/8,fd00::/8; {c:?} is not one)")
+            };
+            let (ip, len) = c.split_once('/').ok_or_else(bad)?;
+            let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+            let len: u8 = len.parse().map_err(|_| bad())?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            if len > max {
+                return Err(bad());
+            }
+            Ok(format!("{ip}/{len}"))
+        })
+        .collect()
+}
+
+/// A Kubernetes resource quantity such as `100m`, `0.5`, `64Mi`, `1G`.
+pub fn parse_quantity(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    const SUFFIXES: [&str; 15] = [
+        "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n",
+    ];
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    let num_ok = !num.is_empty()
+        && num.parse::<f64>().is_ok_and(|n| n > 0.0)
+        && !num.starts_with('.')
+        && !num.ends_with('.');
+    if num_ok && SUFFIXES.contains(&suffix) {
+        Ok(s.to_string())
+    } else {
+        Err("is not a Kubernetes quantity (examples: 100m, 0.5, 64Mi, 1Gi)".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_balancer_name_round_trips() {
+        for lb in Lb::ALL {
+            assert_eq!(Lb::parse(lb.as_str()), Ok(lb));
+        }
+        let err = Lb::parse("fastest").unwrap_err();
+        assert!(
+            err.contains("round-robin") && err.contains("maglev"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hash_keys() {
+        assert_eq!(HashOn::parse("source-ip"), Ok(HashOn::SourceIp));
+        assert_eq!(
+            HashOn::parse("header:X-User-Id"),
+            Ok(HashOn::Header("x-user-id".into()))
+        );
+        assert!(HashOn::parse("header:").is_err());
+        assert!(HashOn::parse("header:a b").is_err());
+        assert!(HashOn::parse("cookie:a").is_err());
+    }
+
+    #[test]
+    fn formats_parse_and_print() {
+        let f = Formats::parse("w3c, b3,jaeger").unwrap();
+        assert!(f.contains(Formats::W3C) && f.contains(Formats::B3) && f.contains(Formats::JAEGER));
+        assert!(!f.contains(Formats::B3_MULTI));
+        assert_eq!(f.to_string(), "w3c,b3,jaeger");
+        assert_eq!(Formats::parse("none"), Ok(Formats::NONE));
+        assert!(
+            Formats::parse("w3c,zipkin")
+                .unwrap_err()
+                .contains("\"zipkin\"")
+        );
+    }
+
+    #[test]
+    fn durations_and_timeouts() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("off"), Ok(None));
+        assert_eq!(parse_timeout("0s"), Ok(None));
+        assert_eq!(parse_timeout("2s"), Ok(Some(Duration::from_secs(2))));
+        assert_eq!(parse_duration("banana").unwrap_err(), DURATION_HINT);
+        assert_eq!(
+            format_timeout(Some(Duration::from_millis(1500))),
+            "1s 500ms"
+        );
+    }
+
+    #[test]
+    fn ports_cidrs_quantities() {
+        assert_eq!(parse_ports("5432, 6379"), Ok(vec![5432, 6379]));
+        assert!(parse_ports("0").is_err());
+        assert!(parse_ports("80,http").unwrap_err().contains("\"http\""));
+        assert_eq!(
+            parse_cidrs("10.0.0.0/8,fd00::/8"),
+            Ok(vec!["10.0.0.0/8".to_string(), "fd00::/8".to_string()])
+        );
+        assert!(parse_cidrs("10.0.0.0/33").is_err());
+        assert!(parse_cidrs("10.0.0.0").is_err());
+        for ok in ["100m", "0.5", "64Mi", "1Gi", "2"] {
+            assert!(parse_quantity(ok).is_ok(), "{ok}");
+        }
+        for bad in ["lots", "64MB", "-1", ".5", "m"] {
+            assert!(parse_quantity(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn overrides_layer_and_apply() {
+        let mut low = Overrides::default();
+        low.set("lb", "random").unwrap();
+        low.set("timeout", "2s").unwrap();
+        let mut high = Overrides::default();
+        high.set("timeout", "off").unwrap();
+        let merged = low.overlay(&high);
+        let s = merged.apply(&Settings::default());
+        assert_eq!(s.lb, Lb::Random);
+        assert_eq!(s.timeout, None);
+        assert_eq!(s.connect_timeout, Duration::from_secs(1));
+        assert_eq!(Overrides::default().set("nope", "x"), Ok(false));
+    }
+}
