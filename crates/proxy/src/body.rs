@@ -1,0 +1,127 @@
+//! The response body: the upstream's, passed through, or one the proxy made.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use crate::balance::InFlight;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub struct ProxyBody(Kind);
+
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Upstream(Upstream),
+}
+
+struct Upstream {
+    inner: Incoming,
+    /// Held until the body ends, so the endpoint's in-flight count covers streaming.
+    _in_flight: Option<InFlight>,
+    /// The request's deadline, when it has one (boxed only then).
+    deadline: Option<Pin<Box<Sleep>>>,
+    grpc: bool,
+    done: bool,
+}
+
+impl ProxyBody {
+    pub fn empty() -> Self {
+        ProxyBody(Kind::Empty)
+    }
+
+    pub fn full(b: Bytes) -> Self {
+        ProxyBody(Kind::Full(Some(b)))
+    }
+
+    pub fn upstream(
+        inner: Incoming,
+        in_flight: Option<InFlight>,
+        deadline: Option<tokio::time::Instant>,
+        grpc: bool,
+    ) -> Self {
+        ProxyBody(Kind::Upstream(Upstream {
+            inner,
+            _in_flight: in_flight,
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            grpc,
+            done: false,
+        }))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request deadline passed while the response was streaming")]
+pub struct BodyDeadline;
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(u) => {
+                if u.done {
+                    return Poll::Ready(None);
+                }
+                if let Some(d) = &mut u.deadline
+                    && d.as_mut().poll(cx).is_ready()
+                {
+                    u.deadline = None;
+                    u.done = true;
+                    if u.grpc {
+                        // A stream cut by its deadline still ends the way gRPC expects.
+                        let mut t = HeaderMap::new();
+                        t.insert("grpc-status", HeaderValue::from_static("4"));
+                        t.insert(
+                            "grpc-message",
+                            HeaderValue::from_static("ferry:%20deadline%20exceeded"),
+                        );
+                        t.insert(
+                            crate::errors::FERRY_ERROR,
+                            HeaderValue::from_static("timeout"),
+                        );
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    return Poll::Ready(Some(Err(BodyDeadline.into())));
+                }
+                match Pin::new(&mut u.inner).poll_frame(cx) {
+                    Poll::Ready(None) => {
+                        u.done = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Empty => true,
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream(u) => u.done || u.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(u) => u.inner.size_hint(),
+        }
+    }
+}

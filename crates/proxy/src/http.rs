@@ -1,0 +1,367 @@
+//! The HTTP/1.1, HTTP/2 and gRPC proxy: one [`HttpProxy`] per connection, called per
+//! request.
+//!
+//! Per request: load the runtime once, choose the service and its settings, compute the
+//! deadline, strip hop-by-hop headers, pick an endpoint, send on a pooled connection,
+//! and wrap the response body so in-flight counts and deadlines cover streaming.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use ferry_policy::HashOn;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme, Uri};
+use http::{Request, Response, Version};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::balance::{hash_ip, hash_key};
+use crate::body::ProxyBody;
+use crate::errors::ProxyError;
+use crate::state::{ServiceRt, Shared};
+
+/// What the upstream clients send: the client's body, or nothing on a retry.
+pub type ReqBody = Either<Incoming, Empty<Bytes>>;
+
+/// Where a connection's requests go.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// The service of explicit listener number N.
+    Listener(usize),
+    /// A transparent connection's destination: a known service, else itself.
+    Dst(SocketAddr),
+}
+
+pub struct ConnCtx {
+    pub peer: SocketAddr,
+    pub target: Target,
+    /// The service a `Dst` connection resolved to, and for which policy version.
+    cached: ArcSwapOption<ServiceRt>,
+}
+
+impl ConnCtx {
+    pub fn new(peer: SocketAddr, target: Target) -> Self {
+        ConnCtx {
+            peer,
+            target,
+            cached: ArcSwapOption::empty(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpProxy {
+    shared: Arc<Shared>,
+    conn: Arc<ConnCtx>,
+}
+
+impl HttpProxy {
+    pub fn new(shared: Arc<Shared>, conn: Arc<ConnCtx>) -> Self {
+        HttpProxy { shared, conn }
+    }
+
+    fn service(&self) -> Option<Arc<ServiceRt>> {
+        let rt = self.shared.load();
+        match self.conn.target {
+            Target::Listener(i) => rt.listener_service(i).cloned(),
+            Target::Dst(dst) => {
+                if let Some(s) = &*self.conn.cached.load()
+                    && s.version == rt.version
+                {
+                    return Some(s.clone());
+                }
+                let svc = match rt.by_addr(dst) {
+                    Some(s) => s.clone(),
+                    None => rt.passthrough(dst, &self.shared.metrics),
+                };
+                self.conn.cached.store(Some(svc.clone()));
+                Some(svc)
+            }
+        }
+    }
+
+    async fn proxy(self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let Some(svc) = self.service() else {
+            return ProxyError::UnknownService.to_response(grpc);
+        };
+        let settings = svc.settings_for(req.uri().path());
+
+        let deadline = deadline(settings.timeout, req.headers(), start);
+        strip_hop_by_hop(req.headers_mut(), true);
+
+        let set = svc.endpoints();
+        let key = set.lb().is_hash().then(|| match &settings.hash_on {
+            HashOn::Header(h) => req
+                .headers()
+                .get(h.as_str())
+                .map(|v| hash_key(v.as_bytes()))
+                .unwrap_or_else(|| hash_ip(self.conn.peer.ip())),
+            HashOn::SourceIp => hash_ip(self.conn.peer.ip()),
+        });
+        let Some(ep) = set.pick(key, None).cloned() else {
+            drop(set);
+            return self.fail(&svc, ProxyError::NoEndpoints, grpc);
+        };
+        drop(set);
+
+        if let Err(e) = set_upstream_uri(&mut req, &ep.authority) {
+            tracing::debug!(error = %e, "bad request uri");
+            return self.fail(&svc, ProxyError::UpstreamReset, grpc);
+        }
+        if let Some(d) = deadline
+            && grpc
+        {
+            set_grpc_timeout(
+                req.headers_mut(),
+                d.saturating_duration_since(Instant::now()),
+            );
+        }
+        // Retrying needs the request again; only a bodiless one can be rebuilt.
+        let retry_parts = (settings.retries > 0 && http_body::Body::is_end_stream(req.body()))
+            .then(|| {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                (
+                    req.method().clone(),
+                    req.headers().clone(),
+                    req.version(),
+                    pq,
+                )
+            });
+
+        let mut ep = ep;
+        let mut attempt = 0;
+        let mut req = Some(req.map(ReqBody::Left));
+        loop {
+            let r = req.take().expect("a request per attempt");
+            let in_flight = ep.start();
+            let h2 = r.version() == Version::HTTP_2;
+            let send = if h2 {
+                svc.clients.h2.request(r)
+            } else {
+                svc.clients.h1.request(r)
+            };
+            let res = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, send).await {
+                    Ok(r) => r.map_err(|e| ProxyError::from_client(&e)),
+                    Err(_) => Err(ProxyError::Timeout),
+                },
+                None => send.await.map_err(|e| ProxyError::from_client(&e)),
+            };
+            match res {
+                Ok(mut resp) => {
+                    let elapsed = start.elapsed();
+                    ep.observe(elapsed);
+                    ep.statuses.inc(resp.status().as_u16());
+                    svc.duration.observe(elapsed);
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                    return resp.map(|b| ProxyBody::upstream(b, Some(in_flight), deadline, grpc));
+                }
+                Err(e) => {
+                    drop(in_flight);
+                    if e == ProxyError::ConnectTimeout || e == ProxyError::Timeout {
+                        // A timed-out endpoint is slow as far as the balancer can tell.
+                        ep.observe(start.elapsed());
+                    }
+                    let retryable =
+                        matches!(e, ProxyError::ConnectFailed | ProxyError::ConnectTimeout);
+                    let next = match (&retry_parts, retryable && attempt < settings.retries) {
+                        (Some(parts), true) => svc
+                            .endpoints()
+                            .pick(key, Some(&ep))
+                            .cloned()
+                            .map(|n| (parts, n)),
+                        _ => None,
+                    };
+                    let Some(((method, headers, version, pq), next)) = next else {
+                        return self.fail(&svc, e, grpc);
+                    };
+                    attempt += 1;
+                    tracing::debug!(service = %svc.name, from = %ep.addr, to = %next.addr, attempt, "retrying");
+                    let mut r = Request::new(ReqBody::Right(Empty::new()));
+                    *r.method_mut() = method.clone();
+                    *r.headers_mut() = headers.clone();
+                    *r.version_mut() = *version;
+                    *r.uri_mut() = Uri::builder()
+                        .scheme(Scheme::HTTP)
+                        .authority(next.authority.clone())
+                        .path_and_query(pq.clone())
+                        .build()
+                        .unwrap_or_default();
+                    ep = next;
+                    req = Some(r);
+                }
+            }
+        }
+    }
+
+    fn fail(&self, svc: &ServiceRt, e: ProxyError, grpc: bool) -> Response<ProxyBody> {
+        self.shared.metrics.error(&svc.name, e.reason());
+        e.to_response(grpc)
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for HttpProxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.proxy(req).await) })
+    }
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The earlier of the policy's timeout and the client's own `grpc-timeout`.
+fn deadline(timeout: Option<Duration>, h: &HeaderMap, start: Instant) -> Option<Instant> {
+    let grpc = h
+        .get("grpc-timeout")
+        .and_then(|v| parse_grpc_timeout(v.as_bytes()));
+    match (timeout, grpc) {
+        (Some(a), Some(b)) => Some(start + a.min(b)),
+        (Some(a), None) | (None, Some(a)) => Some(start + a),
+        (None, None) => None,
+    }
+}
+
+/// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Writes the time left, in the finest unit that fits in 8 digits.
+fn set_grpc_timeout(h: &mut HeaderMap, left: Duration) {
+    let micros = left.as_micros().max(1);
+    let v = if micros < 100_000_000 {
+        format!("{micros}u")
+    } else {
+        format!("{}m", left.as_millis().min(99_999_999))
+    };
+    h.insert("grpc-timeout", HeaderValue::from_str(&v).expect("digits"));
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
+static HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
+    if let Some(conn) = h.get(header::CONNECTION).cloned()
+        && let Ok(list) = conn.to_str()
+    {
+        for name in list.split(',') {
+            let name = name.trim();
+            // gRPC needs `te: trailers` end to end; keep it even when listed.
+            if !name.is_empty() && !name.eq_ignore_ascii_case("te") {
+                h.remove(name);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        if h.contains_key(name) {
+            h.remove(name);
+        }
+    }
+    if request
+        && let Some(te) = h.get(header::TE)
+        && te.as_bytes() != b"trailers"
+    {
+        h.remove(header::TE);
+    }
+}
+
+/// Points the request at the endpoint, keeping its path and query.
+fn set_upstream_uri(
+    req: &mut Request<Incoming>,
+    authority: &http::uri::Authority,
+) -> Result<(), http::Error> {
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority.clone())
+        .path_and_query(pq)
+        .build()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(
+            parse_grpc_timeout(b"100m"),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"123456789m"), None);
+        assert_eq!(parse_grpc_timeout(b"m"), None);
+        assert_eq!(parse_grpc_timeout(b"10x"), None);
+        let mut h = HeaderMap::new();
+        set_grpc_timeout(&mut h, Duration::from_millis(1500));
+        assert_eq!(h["grpc-timeout"], "1500000u");
+        set_grpc_timeout(&mut h, Duration::from_secs(1000));
+        assert_eq!(h["grpc-timeout"], "1000000m");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-foo, keep-alive, te"),
+        );
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-bar", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h, true);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["te", "x-bar"]);
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h, true);
+        assert!(!h.contains_key(header::TE));
+    }
+}

@@ -1,0 +1,245 @@
+//! Listeners, per-connection protocol handling, and graceful drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_policy::{ListenerKind, Policy};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::detect::{Prefixed, Protocol, detect};
+use crate::http::{ConnCtx, HttpProxy, Target};
+use crate::metrics::ConnLabels;
+use crate::state::Shared;
+use crate::tcp;
+
+/// Largest request head accepted; larger gets 431.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Tells connections to finish: flip to `true` once.
+pub type Drain = watch::Receiver<bool>;
+
+struct Bound {
+    index: usize,
+    name: Arc<str>,
+    kind: ListenerKind,
+    listener: TcpListener,
+}
+
+/// The proxy with its listeners bound, not yet serving.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listeners: Vec<Bound>,
+}
+
+impl Proxy {
+    /// Binds every listener of `shared`'s policy.
+    pub async fn bind(shared: Arc<Shared>) -> anyhow::Result<Proxy> {
+        let policy = shared.load().policy.clone();
+        let mut listeners = Vec::new();
+        for (index, l) in policy.listeners.iter().enumerate() {
+            let listener = bind(l.bind)
+                .await
+                .map_err(|e| anyhow::anyhow!("listener {} cannot bind {}: {e}", l.name, l.bind))?;
+            listeners.push(Bound {
+                index,
+                name: Arc::from(l.name.as_str()),
+                kind: l.kind.clone(),
+                listener,
+            });
+        }
+        Ok(Proxy { shared, listeners })
+    }
+
+    /// `(listener name, bound address)`, ports resolved.
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|b| Some((b.name.to_string(), b.listener.local_addr().ok()?)))
+            .collect()
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves until `drain` turns true, then lets connections finish for up to the
+    /// policy's drain timeout. Returns whether every connection finished in time.
+    pub async fn serve(self, drain: Drain) -> bool {
+        let tracker = TaskTracker::new();
+        for b in self.listeners {
+            let shared = self.shared.clone();
+            let drain = drain.clone();
+            let t = tracker.clone();
+            tracker.spawn(accept_loop(b, shared, drain, t));
+        }
+        self.shared.set_ready();
+        let mut d = drain.clone();
+        drained(&mut d).await;
+        let timeout = self.shared.load().policy.drain_timeout();
+        tracker.close();
+        tokio::time::timeout(timeout, tracker.wait()).await.is_ok()
+    }
+}
+
+/// Resolves once draining has begun (or the sender is gone).
+async fn drained(drain: &mut Drain) {
+    let _ = drain.wait_for(|v| *v).await;
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+async fn accept_loop(b: Bound, shared: Arc<Shared>, mut drain: Drain, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = drained(&mut drain) => return,
+            r = b.listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let shared = shared.clone();
+                let drain = drain.clone();
+                let (name, kind) = (b.name.clone(), b.kind.clone());
+                tracker.spawn(async move {
+                    if let Err(error) = serve_conn(stream, peer, b.index, &name, &kind, shared, drain).await {
+                        tracing::debug!(listener = %name, %peer, %error, "connection ended with an error");
+                    }
+                });
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(listener = %b.name, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    index: usize,
+    listener: &Arc<str>,
+    kind: &ListenerKind,
+    shared: Arc<Shared>,
+    mut drain: Drain,
+) -> anyhow::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let (detect_window, header_timeout, opaque_ports) = {
+        let rt = shared.load();
+        let p: &Policy = &rt.policy;
+        (
+            p.detect_timeout(),
+            p.header_read_timeout(),
+            p.opaque_ports.clone().unwrap_or_default(),
+        )
+    };
+    let (target, opaque) = match kind {
+        ListenerKind::Service { opaque, .. } => (Target::Listener(index), *opaque),
+        ListenerKind::Outbound => {
+            let dst = tcp::original_dst(&stream)?;
+            if dst == stream.local_addr()? {
+                anyhow::bail!("connection made to the outbound listener itself; refusing to loop");
+            }
+            (Target::Dst(dst), opaque_ports.contains(&dst.port()))
+        }
+        ListenerKind::Inbound => {
+            let dst = tcp::original_dst(&stream)?;
+            let app = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dst.port());
+            (Target::Dst(app), opaque_ports.contains(&dst.port()))
+        }
+    };
+    let (proto, prefix) = if opaque {
+        (Protocol::Opaque, bytes::BytesMut::new())
+    } else {
+        detect(&mut stream, detect_window).await?
+    };
+    shared
+        .metrics
+        .connections
+        .get_or_create(&ConnLabels {
+            listener: listener.to_string(),
+            protocol: proto.as_str(),
+        })
+        .inc();
+
+    let ctx = Arc::new(ConnCtx::new(peer, target));
+    match proto {
+        Protocol::Opaque => {
+            let (dst, connect_timeout) = opaque_dst(&shared, &ctx)?;
+            tcp::forward(stream, prefix, dst, connect_timeout).await?;
+        }
+        Protocol::Http1 => {
+            let io = TokioIo::new(Prefixed::new(prefix, stream));
+            let svc = HttpProxy::new(shared, ctx);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .keep_alive(true)
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r?,
+                _ = drained(&mut drain) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await?;
+                }
+            }
+        }
+        Protocol::Http2 => {
+            let io = TokioIo::new(Prefixed::new(prefix, stream));
+            let svc = HttpProxy::new(shared, ctx);
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .adaptive_window(true)
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r?,
+                _ = drained(&mut drain) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where an opaque connection goes: the service's balancer, or the destination itself.
+fn opaque_dst(shared: &Arc<Shared>, ctx: &ConnCtx) -> anyhow::Result<(SocketAddr, Duration)> {
+    let rt = shared.load();
+    let svc = match ctx.target {
+        Target::Listener(i) => rt.listener_service(i).cloned(),
+        Target::Dst(dst) => Some(match rt.by_addr(dst) {
+            Some(s) => s.clone(),
+            None => rt.passthrough(dst, &shared.metrics),
+        }),
+    };
+    let svc = svc.ok_or_else(|| anyhow::anyhow!("no service for this listener"))?;
+    let set = svc.endpoints();
+    let key = set
+        .lb()
+        .is_hash()
+        .then(|| crate::balance::hash_ip(ctx.peer.ip()));
+    let ep = set.pick(key, None).ok_or_else(|| {
+        shared.metrics.error(&svc.name, "no-endpoints");
+        anyhow::anyhow!("service {} has no endpoints", svc.name)
+    })?;
+    Ok((ep.addr, svc.settings.connect_timeout))
+}
