@@ -1,0 +1,223 @@
+//! The admin HTTP API. Plain axum: this is not the hot path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use ferry_policy::{FieldError, Policy};
+use prometheus_client::registry::Registry;
+use serde_json::{Value as Json, json};
+
+use crate::control::{Control, errors_json};
+
+/// Changes the log filter (`info`, `ferry=debug,hyper=info`, ...).
+pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub control: Arc<Control>,
+    pub registry: Arc<Registry>,
+    /// Bearer token that lets non-loopback callers change things.
+    pub token: Option<Arc<str>>,
+    pub set_log_level: Option<SetLogLevel>,
+    /// Starts a graceful drain of the whole process.
+    pub shutdown: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// The admin router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
+pub fn app(state: AdminState) -> Router {
+    Router::new()
+        .route("/ready", get(ready))
+        .route("/live", get(|| async { json_ok(json!({"live": true})) }))
+        .route("/metrics", get(metrics))
+        .route("/version", get(version))
+        .route("/policy", get(get_policy).put(put_policy))
+        .route("/policy/validate", post(validate_policy))
+        .route("/policy/rollback", post(rollback))
+        .route("/endpoints", get(endpoints))
+        .route("/log-level", put(log_level))
+        .route("/shutdown", post(shutdown))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here") })
+        .with_state(state)
+}
+
+fn json_ok(v: Json) -> Response {
+    (StatusCode::OK, axum::Json(v)).into_response()
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"error": message.into()}))).into_response()
+}
+
+/// Changing endpoints answer loopback callers, or anyone with the bearer token.
+fn authorize(state: &AdminState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Response> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match (presented, &state.token) {
+        (Some(p), Some(t)) if constant_time_eq(p.as_bytes(), t.as_bytes()) => Ok(()),
+        (Some(_), _) => Err(error(StatusCode::FORBIDDEN, "the bearer token is not valid")),
+        (None, _) if peer.ip().is_loopback() => Ok(()),
+        (None, _) => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "changes are accepted from loopback, or with an Authorization: Bearer token",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    if s.control.shared().is_ready() {
+        json_ok(json!({"ready": true}))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"ready": false}))).into_response()
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &s.registry) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "metrics could not be encoded"),
+    }
+}
+
+async fn version(State(s): State<AdminState>) -> Response {
+    json_ok(json!({
+        "ferry": env!("CARGO_PKG_VERSION"),
+        "policy_version": s.control.version(),
+    }))
+}
+
+async fn get_policy(State(s): State<AdminState>) -> Response {
+    json_ok(s.control.describe())
+}
+
+/// The body as a policy document: YAML, or JSON (which is YAML).
+fn parse_body(body: &Bytes) -> Result<Policy, Response> {
+    let text = std::str::from_utf8(body).map_err(|_| error(StatusCode::BAD_REQUEST, "the body is not UTF-8"))?;
+    Policy::from_yaml(text).map_err(|e| invalid(&e))
+}
+
+fn invalid(e: &ferry_policy::Errors) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({"error": "the policy is not valid; nothing changed", "errors": errors_json(e)})),
+    )
+        .into_response()
+}
+
+async fn put_policy(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, peer, &headers) {
+        return r;
+    }
+    let admin = match parse_body(&body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match s.control.set_admin(admin) {
+        Ok(version) => json_ok(json!({"version": version})),
+        Err(e) => invalid(&e),
+    }
+}
+
+async fn validate_policy(State(s): State<AdminState>, body: Bytes) -> Response {
+    let admin = match parse_body(&body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match s.control.check_admin(&admin) {
+        Ok(merged) => json_ok(json!({"valid": true, "policy": merged.to_json()})),
+        Err(e) => invalid(&e),
+    }
+}
+
+async fn rollback(State(s): State<AdminState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, peer, &headers) {
+        return r;
+    }
+    match s.control.rollback() {
+        Ok(version) => json_ok(json!({"version": version})),
+        Err(m) => error(StatusCode::CONFLICT, m),
+    }
+}
+
+async fn endpoints(State(s): State<AdminState>) -> Response {
+    let rt = s.control.shared().load_full();
+    let mut services = serde_json::Map::new();
+    let mut all: Vec<_> = rt.services().cloned().collect();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    for svc in all {
+        let set = svc.endpoint_set();
+        let eps: Vec<Json> = set
+            .endpoints
+            .iter()
+            .map(|e| {
+                json!({
+                    "address": e.addr.to_string(),
+                    "in_flight": e.in_flight(),
+                    "latency_estimate_ms": e.rtt_estimate().as_secs_f64() * 1000.0,
+                    "consecutive_failures": e.consecutive_failures(),
+                    "health": if e.consecutive_failures() == 0 { "healthy" } else { "failing" },
+                })
+            })
+            .collect();
+        services.insert(svc.name.to_string(), json!({"lb": set.lb().as_str(), "endpoints": eps}));
+    }
+    json_ok(json!({"version": rt.version, "services": services}))
+}
+
+async fn log_level(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, peer, &headers) {
+        return r;
+    }
+    // Either a bare filter (`debug`) or `{"level": "debug"}`.
+    let text = String::from_utf8_lossy(&body);
+    let level = match serde_json::from_str::<Json>(&text) {
+        Ok(Json::Object(o)) => o.get("level").and_then(Json::as_str).map(str::to_string),
+        Ok(Json::String(l)) => Some(l),
+        _ => Some(text.trim().to_string()),
+    };
+    let Some(level) = level.filter(|l| !l.is_empty()) else {
+        return error(StatusCode::BAD_REQUEST, "give a level such as info, or {\"level\": \"ferry=debug\"}");
+    };
+    let Some(set) = &s.set_log_level else {
+        return error(StatusCode::CONFLICT, "the log level cannot be changed in this process");
+    };
+    match set(&level) {
+        Ok(()) => json_ok(json!({"level": level})),
+        Err(m) => error(StatusCode::BAD_REQUEST, FieldError::new("level", level, m).to_string()),
+    }
+}
+
+async fn shutdown(State(s): State<AdminState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, peer, &headers) {
+        return r;
+    }
+    (s.shutdown)();
+    (StatusCode::ACCEPTED, axum::Json(json!({"draining": true}))).into_response()
+}

@@ -1,0 +1,263 @@
+//! `ferry proxy`: the sidecar. Reads the file layer (policy file and/or pod
+//! annotations), binds listeners and the admin API, reloads on change and on SIGHUP,
+//! and drains on SIGTERM.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_admin::{AdminState, Control};
+use ferry_policy::annotations::{PodAnnotations, parse_downward_api};
+use ferry_policy::{Errors, FieldError, Policy};
+use ferry_proxy::{DefaultDiscover, Metrics, Proxy, Shared};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+#[derive(clap::Args, Clone)]
+pub struct ProxyArgs {
+    /// Policy file (explicit mode). Without it, ferry runs as a pod sidecar with
+    /// transparent listeners on 15001 (outbound) and 15006 (inbound).
+    #[arg(long, short, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The pod's annotations as the downward API writes them.
+    #[arg(long, env = "FERRY_ANNOTATIONS")]
+    pub annotations: Option<PathBuf>,
+    /// Worker threads; 1 runs everything on one thread, the cheapest for a sidecar.
+    #[arg(long, env = "FERRY_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Log filter, as RUST_LOG (`info`, `ferry=debug`).
+    #[arg(long, env = "FERRY_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "FERRY_LOG_JSON")]
+    pub log_json: bool,
+    /// File holding the bearer token that lets non-loopback callers change things.
+    #[arg(long, env = "FERRY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// How often the policy and annotations files are checked for changes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub watch_interval: Duration,
+}
+
+const POD_ANNOTATIONS: &str = "/etc/ferry/annotations";
+
+pub fn main(args: ProxyArgs) -> anyhow::Result<()> {
+    let set_level = init_logging(&args)?;
+    let rt = if args.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.workers)
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(run(args, Some(set_level), None))
+}
+
+type LevelSetter = ferry_admin::SetLogLevel;
+
+fn init_logging(args: &ProxyArgs) -> anyhow::Result<LevelSetter> {
+    let filter = EnvFilter::try_new(&args.log_level).context("--log-level")?;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    if args.log_json {
+        registry.with(fmt.json()).try_init()?;
+    } else {
+        registry.with(fmt).try_init()?;
+    }
+    Ok(Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("is not a log filter ({e})"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }))
+}
+
+/// Where the file layer comes from.
+#[derive(Clone)]
+struct Sources {
+    config: Option<PathBuf>,
+    annotations: Option<PathBuf>,
+}
+
+impl Sources {
+    fn from_args(args: &ProxyArgs) -> Sources {
+        let annotations = args.annotations.clone().or_else(|| {
+            let p = PathBuf::from(POD_ANNOTATIONS);
+            (args.config.is_none() && p.exists()).then_some(p)
+        });
+        Sources {
+            config: args.config.clone(),
+            annotations,
+        }
+    }
+
+    fn origin(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(c) = &self.config {
+            parts.push(format!("policy file {}", c.display()));
+        } else {
+            parts.push("pod defaults".to_string());
+        }
+        if let Some(a) = &self.annotations {
+            parts.push(format!("annotations {}", a.display()));
+        }
+        parts.join(" + ")
+    }
+
+    /// The raw bytes of every source, to tell whether anything changed.
+    fn snapshot(&self) -> Vec<Option<Vec<u8>>> {
+        [&self.config, &self.annotations]
+            .into_iter()
+            .map(|p| p.as_ref().and_then(|p| std::fs::read(p).ok()))
+            .collect()
+    }
+
+    /// Reads and validates the file layer: policy file (or pod defaults), then the
+    /// annotations over it.
+    fn load(&self) -> Result<Policy, Errors> {
+        let base = match &self.config {
+            Some(path) => Policy::from_yaml(&read(path)?)?,
+            None => pod_defaults(),
+        };
+        let Some(path) = &self.annotations else { return Ok(base) };
+        let map = parse_downward_api(&read(path)?)?;
+        let layer = PodAnnotations::from_map(&map)?.policy_layer();
+        Ok(base.overlay(&layer))
+    }
+}
+
+fn read(path: &Path) -> Result<String, Errors> {
+    std::fs::read_to_string(path)
+        .map_err(|e| FieldError::new(path.display().to_string(), "", format!("cannot be read: {e}")).into())
+}
+
+/// A pod sidecar's listeners: everything iptables redirects.
+fn pod_defaults() -> Policy {
+    let mut doc = String::from(
+        "admin: 0.0.0.0:15000\nlisteners:\n  - {name: outbound, bind: \"0.0.0.0:15001\", transparent: outbound}\n  - {name: inbound, bind: \"0.0.0.0:15006\", transparent: inbound}\n",
+    );
+    if has_ipv6() {
+        doc.push_str("  - {name: outbound-v6, bind: \"[::]:15001\", transparent: outbound}\n  - {name: inbound-v6, bind: \"[::]:15006\", transparent: inbound}\n");
+    }
+    Policy::from_yaml(&doc).expect("built-in pod policy is valid")
+}
+
+fn has_ipv6() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|s| !s.trim().is_empty())
+}
+
+/// Runs the sidecar until drained. `announce` is printed after the listening lines.
+pub async fn run(args: ProxyArgs, set_level: Option<LevelSetter>, announce: Option<&str>) -> anyhow::Result<()> {
+    let sources = Sources::from_args(&args);
+    let file = sources.load().map_err(|e| anyhow::anyhow!("the policy is not valid:\n{e}"))?;
+    if file.listeners.is_empty() {
+        anyhow::bail!("the policy has no listeners; add `listeners:` (see docs/policy-file.md)");
+    }
+    let metrics = Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let shared = Shared::new(file.clone(), Arc::new(DefaultDiscover::default()), metrics)
+        .map_err(|e| anyhow::anyhow!("the policy is not valid:\n{e}"))?;
+    let control = Control::new(shared.clone(), file.clone(), sources.origin());
+
+    let proxy = Proxy::bind(shared.clone()).await?;
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let drain_tx = Arc::new(drain_tx);
+
+    let mut out = std::io::stdout().lock();
+    let admin = match file.admin_addr() {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin API cannot bind {addr}"))?;
+            writeln!(out, "ferry: listening admin {}", l.local_addr()?)?;
+            Some(l)
+        }
+        None => None,
+    };
+    for (name, addr) in proxy.local_addrs() {
+        writeln!(out, "ferry: listening {name} {addr}")?;
+    }
+    if let Some(a) = announce {
+        writeln!(out, "{a}")?;
+    }
+    out.flush()?;
+    drop(out);
+
+    let token = match &args.admin_token_file {
+        Some(p) => Some(Arc::<str>::from(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("admin token file {}", p.display()))?
+                .trim(),
+        )),
+        None => std::env::var("FERRY_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Arc::from),
+    };
+    let admin_task = admin.map(|listener| {
+        let d = drain_tx.clone();
+        let state = AdminState {
+            control: control.clone(),
+            registry: Arc::new(registry),
+            token,
+            set_log_level: set_level,
+            shutdown: Arc::new(move || {
+                d.send_replace(true);
+            }),
+        };
+        // The admin API outlives the drain, so probes see it happen.
+        tokio::spawn(ferry_admin::serve(listener, state, std::future::pending()))
+    });
+
+    tokio::spawn(watch_sources(sources, control.clone(), args.watch_interval, drain_rx.clone()));
+    tokio::spawn(wait_for_signals(drain_tx.clone()));
+
+    let clean = proxy.serve(drain_rx).await;
+    if clean {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!("drain timeout passed with connections still open; exiting");
+    }
+    if let Some(t) = admin_task {
+        t.abort();
+    }
+    Ok(())
+}
+
+async fn wait_for_signals(drain: Arc<watch::Sender<bool>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    drain.send_replace(true);
+}
+
+/// Polls the sources rather than using inotify: the kubelet updates the downward API
+/// by swapping a symlink, which file watches on the path itself miss.
+async fn watch_sources(sources: Sources, control: Arc<Control>, every: Duration, mut drain: watch::Receiver<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut last = sources.snapshot();
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(every) => false,
+            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = drain.wait_for(|v| *v) => return,
+        };
+        let now = sources.snapshot();
+        if now == last && !forced {
+            continue;
+        }
+        last = now;
+        tracing::info!(forced, "policy sources changed; reloading");
+        let _ = control.set_file(sources.load());
+    }
+}
