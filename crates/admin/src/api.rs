@@ -43,7 +43,9 @@ pub fn app(state: AdminState) -> Router {
         .route("/log-level", put(log_level))
         .route("/shutdown", post(shutdown))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint") })
-        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here") })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        })
         .with_state(state)
 }
 
@@ -63,7 +65,10 @@ fn authorize(state: &AdminState, peer: SocketAddr, headers: &HeaderMap) -> Resul
         .and_then(|v| v.strip_prefix("Bearer "));
     match (presented, &state.token) {
         (Some(p), Some(t)) if constant_time_eq(p.as_bytes(), t.as_bytes()) => Ok(()),
-        (Some(_), _) => Err(error(StatusCode::FORBIDDEN, "the bearer token is not valid")),
+        (Some(_), _) => Err(error(
+            StatusCode::FORBIDDEN,
+            "the bearer token is not valid",
+        )),
         (None, _) if peer.ip().is_loopback() => Ok(()),
         (None, _) => Err(error(
             StatusCode::UNAUTHORIZED,
@@ -80,7 +85,11 @@ async fn ready(State(s): State<AdminState>) -> Response {
     if s.control.shared().is_ready() {
         json_ok(json!({"ready": true}))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"ready": false}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"ready": false})),
+        )
+            .into_response()
     }
 }
 
@@ -88,11 +97,17 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     let mut text = String::new();
     match prometheus_client::encoding::text::encode(&mut text, &s.registry) {
         Ok(()) => (
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             text,
         )
             .into_response(),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "metrics could not be encoded"),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics could not be encoded",
+        ),
     }
 }
 
@@ -109,14 +124,17 @@ async fn get_policy(State(s): State<AdminState>) -> Response {
 
 /// The body as a policy document: YAML, or JSON (which is YAML).
 fn parse_body(body: &Bytes) -> Result<Policy, Response> {
-    let text = std::str::from_utf8(body).map_err(|_| error(StatusCode::BAD_REQUEST, "the body is not UTF-8"))?;
+    let text = std::str::from_utf8(body)
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "the body is not UTF-8"))?;
     Policy::from_yaml(text).map_err(|e| invalid(&e))
 }
 
 fn invalid(e: &ferry_policy::Errors) -> Response {
     (
         StatusCode::BAD_REQUEST,
-        axum::Json(json!({"error": "the policy is not valid; nothing changed", "errors": errors_json(e)})),
+        axum::Json(
+            json!({"error": "the policy is not valid; nothing changed", "errors": errors_json(e)}),
+        ),
     )
         .into_response()
 }
@@ -151,7 +169,11 @@ async fn validate_policy(State(s): State<AdminState>, body: Bytes) -> Response {
     }
 }
 
-async fn rollback(State(s): State<AdminState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn rollback(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(r) = authorize(&s, peer, &headers) {
         return r;
     }
@@ -181,7 +203,10 @@ async fn endpoints(State(s): State<AdminState>) -> Response {
                 })
             })
             .collect();
-        services.insert(svc.name.to_string(), json!({"lb": set.lb().as_str(), "endpoints": eps}));
+        services.insert(
+            svc.name.to_string(),
+            json!({"lb": set.lb().as_str(), "endpoints": eps}),
+        );
     }
     json_ok(json!({"version": rt.version, "services": services}))
 }
@@ -203,18 +228,31 @@ async fn log_level(
         _ => Some(text.trim().to_string()),
     };
     let Some(level) = level.filter(|l| !l.is_empty()) else {
-        return error(StatusCode::BAD_REQUEST, "give a level such as info, or {\"level\": \"ferry=debug\"}");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give a level such as info, or {\"level\": \"ferry=debug\"}",
+        );
     };
     let Some(set) = &s.set_log_level else {
-        return error(StatusCode::CONFLICT, "the log level cannot be changed in this process");
+        return error(
+            StatusCode::CONFLICT,
+            "the log level cannot be changed in this process",
+        );
     };
     match set(&level) {
         Ok(()) => json_ok(json!({"level": level})),
-        Err(m) => error(StatusCode::BAD_REQUEST, FieldError::new("level", level, m).to_string()),
+        Err(m) => error(
+            StatusCode::BAD_REQUEST,
+            FieldError::new("level", level, m).to_string(),
+        ),
     }
 }
 
-async fn shutdown(State(s): State<AdminState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+async fn shutdown(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(r) = authorize(&s, peer, &headers) {
         return r;
     }

@@ -146,7 +146,13 @@ impl Control {
         Ok(version)
     }
 
-    fn commit(&self, inner: &mut Inner, source: Source, file: Policy, admin: Policy) -> Result<u64, Errors> {
+    fn commit(
+        &self,
+        inner: &mut Inner,
+        source: Source,
+        file: Policy,
+        admin: Policy,
+    ) -> Result<u64, Errors> {
         let merged = file.overlay(&admin);
         let version = self.shared.apply(merged)?;
         tracing::info!(version, source = source.as_str(), "policy applied");
@@ -243,7 +249,13 @@ fn sources(file: &Policy, admin: &Policy, merged: &Policy) -> Json {
     }
     for name in merged.services.keys() {
         let eps = |p: &Policy| p.services.get(name).is_some_and(|s| s.endpoints.is_some());
-        let src = if eps(admin) { "admin" } else if eps(file) { "file" } else { "default" };
+        let src = if eps(admin) {
+            "admin"
+        } else if eps(file) {
+            "file"
+        } else {
+            "default"
+        };
         out.insert(format!("services.{name}.endpoints"), json!(src));
     }
     Json::Object(out)

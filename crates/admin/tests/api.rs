@@ -44,7 +44,11 @@ fn fixture(token: Option<&str>) -> Fixture {
         registry: Arc::new(registry),
         token: token.map(Arc::from),
         set_log_level: Some(Arc::new(|l: &str| {
-            if l == "bogus[" { Err("is not a log filter".into()) } else { Ok(()) }
+            if l == "bogus[" {
+                Err("is not a log filter".into())
+            } else {
+                Ok(())
+            }
         })),
         shutdown: Arc::new(move || s.store(true, Ordering::SeqCst)),
     };
@@ -54,7 +58,14 @@ fn fixture(token: Option<&str>) -> Fixture {
 const LOOPBACK: &str = "127.0.0.1:40000";
 const REMOTE: &str = "10.250.0.2:40000";
 
-async fn call(state: &AdminState, method: Method, path: &str, body: &str, peer: &str, auth: Option<&str>) -> (StatusCode, String, Json) {
+async fn call(
+    state: &AdminState,
+    method: Method,
+    path: &str,
+    body: &str,
+    peer: &str,
+    auth: Option<&str>,
+) -> (StatusCode, String, Json) {
     let mut req = Request::builder().method(method).uri(path);
     if let Some(t) = auth {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -70,7 +81,8 @@ async fn call(state: &AdminState, method: Method, path: &str, body: &str, peer: 
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(Json::String(String::from_utf8_lossy(&bytes).into()));
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or(Json::String(String::from_utf8_lossy(&bytes).into()));
     (status, ctype, json)
 }
 
@@ -88,8 +100,16 @@ async fn an_invalid_put_lists_every_error_and_the_version_stays() {
         .map(|e| e["error"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors.iter().any(|e| e.starts_with("services.web.timeout: \"banana\" is not a duration")));
-    assert!(errors.iter().any(|e| e.starts_with("services.web.lb: \"fastest\" is not a balancer")));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("services.web.timeout: \"banana\" is not a duration"))
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("services.web.lb: \"fastest\" is not a balancer"))
+    );
     let (_, _, after) = call(&f.state, Method::GET, "/policy", "", LOOPBACK, None).await;
     assert_eq!(before["version"], after["version"]);
     assert_eq!(before["policy"], after["policy"]);
@@ -101,13 +121,27 @@ async fn a_listener_pointing_nowhere_is_refused_whole() {
     let doc = "listeners: [{name: x, bind: \"127.0.0.1:0\", service: missing}]";
     let (status, _, body) = call(&f.state, Method::PUT, "/policy", doc, LOOPBACK, None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["errors"][0]["error"].as_str().unwrap().contains("\"missing\" is not a service"), "{body}");
+    assert!(
+        body["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("\"missing\" is not a service"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
 async fn put_layers_over_the_file_and_sources_say_so() {
     let f = fixture(None);
-    let (status, _, body) = call(&f.state, Method::PUT, "/policy", "services: {web: {lb: maglev}}", LOOPBACK, None).await;
+    let (status, _, body) = call(
+        &f.state,
+        Method::PUT,
+        "/policy",
+        "services: {web: {lb: maglev}}",
+        LOOPBACK,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["version"], 2);
     let (_, _, p) = call(&f.state, Method::GET, "/policy", "", LOOPBACK, None).await;
@@ -119,28 +153,74 @@ async fn put_layers_over_the_file_and_sources_say_so() {
     assert_eq!(p["sources"]["services.web.endpoints"], "file");
     let (_, _, eps) = call(&f.state, Method::GET, "/endpoints", "", LOOPBACK, None).await;
     assert_eq!(eps["services"]["web"]["lb"], "maglev");
-    assert_eq!(eps["services"]["web"]["endpoints"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        eps["services"]["web"]["endpoints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 
     // Rollback returns to version 1's layers, as a new version.
-    let (status, _, body) = call(&f.state, Method::POST, "/policy/rollback", "", LOOPBACK, None).await;
-    assert_eq!((status, body["version"].as_u64()), (StatusCode::OK, Some(3)));
+    let (status, _, body) = call(
+        &f.state,
+        Method::POST,
+        "/policy/rollback",
+        "",
+        LOOPBACK,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["version"].as_u64()),
+        (StatusCode::OK, Some(3))
+    );
     let (_, _, p) = call(&f.state, Method::GET, "/policy", "", LOOPBACK, None).await;
     assert_eq!(p["policy"]["services"]["web"]["lb"], "round-robin");
-    let sources: Vec<&str> = p["history"].as_array().unwrap().iter().map(|h| h["source"].as_str().unwrap()).collect();
+    let sources: Vec<&str> = p["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["source"].as_str().unwrap())
+        .collect();
     assert_eq!(sources, ["rollback", "admin", "startup"]);
-    let (status, _, _) = call(&f.state, Method::POST, "/policy/rollback", "", LOOPBACK, None).await;
+    let (status, _, _) = call(
+        &f.state,
+        Method::POST,
+        "/policy/rollback",
+        "",
+        LOOPBACK,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::CONFLICT);
 }
 
 #[tokio::test]
 async fn validate_changes_nothing() {
     let f = fixture(None);
-    let (status, _, body) = call(&f.state, Method::POST, "/policy/validate", "{\"defaults\": {\"retries\": 3}}", REMOTE, None).await;
+    let (status, _, body) = call(
+        &f.state,
+        Method::POST,
+        "/policy/validate",
+        "{\"defaults\": {\"retries\": 3}}",
+        REMOTE,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["policy"]["defaults"]["retries"], "3");
     let (_, _, p) = call(&f.state, Method::GET, "/policy", "", LOOPBACK, None).await;
     assert_eq!(p["version"], 1);
-    let (status, _, _) = call(&f.state, Method::POST, "/policy/validate", "defaults: {retries: many}", REMOTE, None).await;
+    let (status, _, _) = call(
+        &f.state,
+        Method::POST,
+        "/policy/validate",
+        "defaults: {retries: many}",
+        REMOTE,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
@@ -155,18 +235,43 @@ async fn changes_need_loopback_or_the_token() {
     ] {
         let (status, _, _) = call(&f.state, method.clone(), path, body, REMOTE, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
-        let (status, _, _) = call(&f.state, method.clone(), path, body, REMOTE, Some("wrong")).await;
+        let (status, _, _) =
+            call(&f.state, method.clone(), path, body, REMOTE, Some("wrong")).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");
     }
     assert!(!f.shutdown.load(Ordering::SeqCst));
-    let (status, _, _) = call(&f.state, Method::PUT, "/log-level", "{\"level\":\"debug\"}", REMOTE, Some("s3cret")).await;
+    let (status, _, _) = call(
+        &f.state,
+        Method::PUT,
+        "/log-level",
+        "{\"level\":\"debug\"}",
+        REMOTE,
+        Some("s3cret"),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _, _) = call(&f.state, Method::PUT, "/log-level", "bogus[", LOOPBACK, None).await;
+    let (status, _, _) = call(
+        &f.state,
+        Method::PUT,
+        "/log-level",
+        "bogus[",
+        LOOPBACK,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     // Reads stay open.
     let (status, _, _) = call(&f.state, Method::GET, "/policy", "", REMOTE, None).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _, _) = call(&f.state, Method::POST, "/shutdown", "", REMOTE, Some("s3cret")).await;
+    let (status, _, _) = call(
+        &f.state,
+        Method::POST,
+        "/shutdown",
+        "",
+        REMOTE,
+        Some("s3cret"),
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert!(f.shutdown.load(Ordering::SeqCst));
 }
@@ -174,7 +279,8 @@ async fn changes_need_loopback_or_the_token() {
 // === the OpenAPI document ===
 
 fn openapi() -> Json {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
     serde_yaml::from_str(&text).unwrap()
 }
 
@@ -228,7 +334,10 @@ fn conforms(doc: &Json, schema: &Json, value: &Json, at: &str) -> Result<(), Str
             }
         }
     }
-    if let (Some(extra), Some(obj)) = (schema.get("additionalProperties").filter(|a| a.is_object()), value.as_object()) {
+    if let (Some(extra), Some(obj)) = (
+        schema.get("additionalProperties").filter(|a| a.is_object()),
+        value.as_object(),
+    ) {
         for (k, v) in obj {
             if schema["properties"].get(k).is_none() {
                 conforms(doc, extra, v, &format!("{at}.{k}"))?;
@@ -260,15 +369,30 @@ async fn every_documented_operation_answers_as_documented() {
         .as_object()
         .unwrap()
         .iter()
-        .flat_map(|(p, item)| item.as_object().unwrap().keys().map(move |m| (p.clone(), m.clone())))
+        .flat_map(|(p, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| (p.clone(), m.clone()))
+        })
         .collect();
-    ops.sort_by_key(|(p, m)| (p == "/shutdown", p == "/policy/rollback", m == "get", p.clone()));
+    ops.sort_by_key(|(p, m)| {
+        (
+            p == "/shutdown",
+            p == "/policy/rollback",
+            m == "get",
+            p.clone(),
+        )
+    });
     for (path, method) in ops {
         let op = &doc["paths"][&path][&method];
         let m: Method = method.to_uppercase().parse().unwrap();
         let (status, ctype, body) = call(&f.state, m, &path, bodies(&path), LOOPBACK, None).await;
         let resp = &op["responses"][status.as_str()];
-        assert!(resp.is_object(), "{method} {path} answered {status}, which the document does not list: {body}");
+        assert!(
+            resp.is_object(),
+            "{method} {path} answered {status}, which the document does not list: {body}"
+        );
         let content = resp["content"].as_object().unwrap();
         let (media, spec) = content
             .iter()

@@ -18,7 +18,11 @@ pub struct CheckArgs {
 /// Every non-empty line is `key="..."`: the kubelet's rendering of annotations.
 fn looks_like_annotations(text: &str) -> bool {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty()).peekable();
-    lines.peek().is_some() && lines.all(|l| l.split_once('=').is_some_and(|(k, v)| !k.contains(' ') && v.starts_with('"')))
+    lines.peek().is_some()
+        && lines.all(|l| {
+            l.split_once('=')
+                .is_some_and(|(k, v)| !k.contains(' ') && v.starts_with('"'))
+        })
 }
 
 pub fn check_text(text: &str, force_annotations: bool) -> Result<Policy, Errors> {

@@ -49,7 +49,9 @@ const POD_ANNOTATIONS: &str = "/etc/ferry/annotations";
 pub fn main(args: ProxyArgs) -> anyhow::Result<()> {
     let set_level = init_logging(&args)?;
     let rt = if args.workers <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.workers)
@@ -64,7 +66,9 @@ type LevelSetter = ferry_admin::SetLogLevel;
 fn init_logging(args: &ProxyArgs) -> anyhow::Result<LevelSetter> {
     let filter = EnvFilter::try_new(&args.log_level).context("--log-level")?;
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let registry = tracing_subscriber::registry().with(filter);
     if args.log_json {
         registry.with(fmt.json()).try_init()?;
@@ -124,7 +128,9 @@ impl Sources {
             Some(path) => Policy::from_yaml(&read(path)?)?,
             None => pod_defaults(),
         };
-        let Some(path) = &self.annotations else { return Ok(base) };
+        let Some(path) = &self.annotations else {
+            return Ok(base);
+        };
         let map = parse_downward_api(&read(path)?)?;
         let layer = PodAnnotations::from_map(&map)?.policy_layer();
         Ok(base.overlay(&layer))
@@ -132,8 +138,14 @@ impl Sources {
 }
 
 fn read(path: &Path) -> Result<String, Errors> {
-    std::fs::read_to_string(path)
-        .map_err(|e| FieldError::new(path.display().to_string(), "", format!("cannot be read: {e}")).into())
+    std::fs::read_to_string(path).map_err(|e| {
+        FieldError::new(
+            path.display().to_string(),
+            "",
+            format!("cannot be read: {e}"),
+        )
+        .into()
+    })
 }
 
 /// A pod sidecar's listeners: everything iptables redirects.
@@ -152,9 +164,15 @@ fn has_ipv6() -> bool {
 }
 
 /// Runs the sidecar until drained. `announce` is printed after the listening lines.
-pub async fn run(args: ProxyArgs, set_level: Option<LevelSetter>, announce: Option<&str>) -> anyhow::Result<()> {
+pub async fn run(
+    args: ProxyArgs,
+    set_level: Option<LevelSetter>,
+    announce: Option<&str>,
+) -> anyhow::Result<()> {
     let sources = Sources::from_args(&args);
-    let file = sources.load().map_err(|e| anyhow::anyhow!("the policy is not valid:\n{e}"))?;
+    let file = sources
+        .load()
+        .map_err(|e| anyhow::anyhow!("the policy is not valid:\n{e}"))?;
     if file.listeners.is_empty() {
         anyhow::bail!("the policy has no listeners; add `listeners:` (see docs/policy-file.md)");
     }
@@ -195,7 +213,10 @@ pub async fn run(args: ProxyArgs, set_level: Option<LevelSetter>, announce: Opti
                 .with_context(|| format!("admin token file {}", p.display()))?
                 .trim(),
         )),
-        None => std::env::var("FERRY_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Arc::from),
+        None => std::env::var("FERRY_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(Arc::from),
     };
     let admin_task = admin.map(|listener| {
         let d = drain_tx.clone();
@@ -212,7 +233,12 @@ pub async fn run(args: ProxyArgs, set_level: Option<LevelSetter>, announce: Opti
         tokio::spawn(ferry_admin::serve(listener, state, std::future::pending()))
     });
 
-    tokio::spawn(watch_sources(sources, control.clone(), args.watch_interval, drain_rx.clone()));
+    tokio::spawn(watch_sources(
+        sources,
+        control.clone(),
+        args.watch_interval,
+        drain_rx.clone(),
+    ));
     tokio::spawn(wait_for_signals(drain_tx.clone()));
 
     let clean = proxy.serve(drain_rx).await;
@@ -229,7 +255,10 @@ pub async fn run(args: ProxyArgs, set_level: Option<LevelSetter>, announce: Opti
 
 async fn wait_for_signals(drain: Arc<watch::Sender<bool>>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -242,7 +271,12 @@ async fn wait_for_signals(drain: Arc<watch::Sender<bool>>) {
 
 /// Polls the sources rather than using inotify: the kubelet updates the downward API
 /// by swapping a symlink, which file watches on the path itself miss.
-async fn watch_sources(sources: Sources, control: Arc<Control>, every: Duration, mut drain: watch::Receiver<bool>) {
+async fn watch_sources(
+    sources: Sources,
+    control: Arc<Control>,
+    every: Duration,
+    mut drain: watch::Receiver<bool>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup()).ok();
     let mut last = sources.snapshot();

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_policy::Lb;
@@ -29,6 +29,8 @@ pub struct Endpoint {
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was last updated, in nanoseconds since `epoch()`.
     stamp_ns: AtomicU64,
+    /// Connection failures since the last success (passive health).
+    failures: AtomicU32,
     pub statuses: StatusCounters,
 }
 
@@ -51,12 +53,27 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(now_ns()),
+            failures: AtomicU32::new(0),
             statuses,
         }
     }
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub fn connected(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn connect_failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Marks a request as started; the guard marks it finished when dropped.

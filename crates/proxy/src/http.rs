@@ -96,7 +96,20 @@ impl HttpProxy {
         let settings = svc.settings_for(req.uri().path());
 
         let deadline = deadline(settings.timeout, req.headers(), start);
+        // An HTTP/1.1 upgrade (WebSocket and the like) keeps its handshake headers and
+        // becomes a byte tunnel once the upstream answers 101.
+        let upgrade = if req.version() == Version::HTTP_11 {
+            upgrade_protocol(req.headers())
+        } else {
+            None
+        };
+        let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), true);
+        if let Some(p) = upgrade {
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            req.headers_mut().insert(header::UPGRADE, p);
+        }
 
         let set = svc.endpoints();
         let key = set.lb().is_hash().then(|| match &settings.hash_on {
@@ -141,6 +154,9 @@ impl HttpProxy {
                 )
             });
 
+        if settings.retries > 0 {
+            svc.retry_budget.deposit();
+        }
         let mut ep = ep;
         let mut attempt = 0;
         let mut req = Some(req.map(ReqBody::Left));
@@ -164,8 +180,22 @@ impl HttpProxy {
                 Ok(mut resp) => {
                     let elapsed = start.elapsed();
                     ep.observe(elapsed);
+                    ep.connected();
                     ep.statuses.inc(resp.status().as_u16());
                     svc.duration.observe(elapsed);
+                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client) = client_upgrade.take()
+                    {
+                        let accepted = resp.headers().get(header::UPGRADE).cloned();
+                        tunnel(client, hyper::upgrade::on(&mut resp), in_flight);
+                        strip_hop_by_hop(resp.headers_mut(), false);
+                        if let Some(p) = accepted {
+                            resp.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                            resp.headers_mut().insert(header::UPGRADE, p);
+                        }
+                        return resp.map(|_| ProxyBody::empty());
+                    }
                     strip_hop_by_hop(resp.headers_mut(), false);
                     return resp.map(|b| ProxyBody::upstream(b, Some(in_flight), deadline, grpc));
                 }
@@ -177,7 +207,11 @@ impl HttpProxy {
                     }
                     let retryable =
                         matches!(e, ProxyError::ConnectFailed | ProxyError::ConnectTimeout);
-                    let next = match (&retry_parts, retryable && attempt < settings.retries) {
+                    let may_retry = retryable
+                        && attempt < settings.retries
+                        && retry_parts.is_some()
+                        && svc.retry_budget.withdraw();
+                    let next = match (&retry_parts, may_retry) {
                         (Some(parts), true) => svc
                             .endpoints()
                             .pick(key, Some(&ep))
@@ -222,6 +256,38 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
         let this = self.clone();
         Box::pin(async move { Ok(this.proxy(req).await) })
     }
+}
+
+/// The protocol a request asks to switch to, when it really asks (`Connection: upgrade`).
+fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+    let up = h.get(header::UPGRADE)?;
+    let conn = h.get(header::CONNECTION)?.to_str().ok()?;
+    conn.split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        .then(|| up.clone())
+}
+
+/// Copies bytes both ways between the upgraded client and upstream connections.
+fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    in_flight: crate::balance::InFlight,
+) {
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let (mut c, mut u) = (
+                    hyper_util::rt::TokioIo::new(c),
+                    hyper_util::rt::TokioIo::new(u),
+                );
+                if let Err(error) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(%error, "upgraded connection ended with an error");
+                }
+            }
+            Err(error) => tracing::debug!(%error, "upgrade failed"),
+        }
+    });
 }
 
 fn is_grpc(h: &HeaderMap) -> bool {

@@ -76,9 +76,10 @@ impl Proxy {
             let t = tracker.clone();
             tracker.spawn(accept_loop(b, shared, drain, t));
         }
-        self.shared.set_ready();
+        self.shared.set_ready(true);
         let mut d = drain.clone();
         drained(&mut d).await;
+        self.shared.set_ready(false);
         let timeout = self.shared.load().policy.drain_timeout();
         tracker.close();
         tokio::time::timeout(timeout, tracker.wait()).await.is_ok()
@@ -190,7 +191,8 @@ async fn serve_conn(
                 .header_read_timeout(header_timeout)
                 .max_buf_size(MAX_HEADER_BYTES)
                 .keep_alive(true)
-                .serve_connection(io, svc);
+                .serve_connection(io, svc)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => r?,

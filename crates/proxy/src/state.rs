@@ -48,6 +48,35 @@ impl Clients {
     }
 }
 
+/// Retries may add at most a tenth to a service's load, plus a small reserve, so a
+/// failing upstream is not buried under retries.
+pub struct RetryBudget(std::sync::atomic::AtomicI64);
+
+const RETRY_COST: i64 = 10;
+const RETRY_RESERVE: i64 = 10 * RETRY_COST;
+const RETRY_CAP: i64 = 1000 * RETRY_COST;
+
+impl RetryBudget {
+    fn new() -> Self {
+        RetryBudget(std::sync::atomic::AtomicI64::new(RETRY_RESERVE))
+    }
+
+    /// Every request earns a tenth of a retry.
+    pub fn deposit(&self) {
+        if self.0.load(Ordering::Relaxed) < RETRY_CAP {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn withdraw(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                (b >= RETRY_COST).then(|| b - RETRY_COST)
+            })
+            .is_ok()
+    }
+}
+
 /// One service as requests see it for one policy version.
 pub struct ServiceRt {
     pub name: Arc<str>,
@@ -57,6 +86,7 @@ pub struct ServiceRt {
     endpoints: arc_swap::ArcSwap<EndpointSet>,
     pub clients: Clients,
     pub duration: AtomicHistogram,
+    pub retry_budget: Arc<RetryBudget>,
 }
 
 impl ServiceRt {
@@ -159,6 +189,7 @@ impl Runtime {
                     settings: self.defaults.clone(),
                     routes: Vec::new(),
                     clients: self.default_clients.clone(),
+                    retry_budget: Arc::new(RetryBudget::new()),
                 })
             })
             .clone()
@@ -247,8 +278,9 @@ impl Shared {
         Ok(version)
     }
 
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Release);
+    /// Ready once listeners serve; not ready again once draining starts.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -299,7 +331,11 @@ fn compile(
             .map(|p| p.endpoints().endpoints.clone())
             .unwrap_or_default();
         let eps = reuse_endpoints(&name_arc, &addrs, &old_eps, metrics);
+        let retry_budget = prev
+            .map(|p| p.retry_budget.clone())
+            .unwrap_or_else(|| Arc::new(RetryBudget::new()));
         let svc = Arc::new(ServiceRt {
+            retry_budget,
             duration: duration_for(name, metrics),
             name: name_arc,
             version,
