@@ -201,6 +201,7 @@ pub async fn run(
     for (name, addr) in proxy.local_addrs() {
         writeln!(out, "ferry: listening {name} {addr}")?;
     }
+    writeln!(out, "ferry: ready")?;
     if let Some(a) = announce {
         writeln!(out, "{a}")?;
     }
