@@ -13,6 +13,7 @@ use ferry_policy::annotations::{PodAnnotations, parse_downward_api};
 use ferry_policy::{Errors, FieldError, Policy};
 use ferry_proxy::{DefaultDiscover, Metrics, Proxy, Shared};
 use prometheus_client::registry::Registry;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -184,6 +185,7 @@ pub async fn run(
     let control = Control::new(shared.clone(), file.clone(), sources.origin());
 
     let proxy = Proxy::bind(shared.clone()).await?;
+    let signals = Signals::install()?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let drain_tx = Arc::new(drain_tx);
 
@@ -238,9 +240,14 @@ pub async fn run(
         sources,
         control.clone(),
         args.watch_interval,
+        signals.hup,
         drain_rx.clone(),
     ));
-    tokio::spawn(wait_for_signals(drain_tx.clone()));
+    tokio::spawn(wait_for_signals(
+        signals.term,
+        signals.int,
+        drain_tx.clone(),
+    ));
 
     let clean = proxy.serve(drain_rx).await;
     if clean {
@@ -254,15 +261,24 @@ pub async fn run(
     Ok(())
 }
 
-async fn wait_for_signals(drain: Arc<watch::Sender<bool>>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+/// The signals ferry handles, installed before it reports ready so none is missed.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+async fn wait_for_signals(mut term: Signal, mut int: Signal, drain: Arc<watch::Sender<bool>>) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = int.recv() => tracing::info!("SIGINT: draining"),
@@ -276,15 +292,14 @@ async fn watch_sources(
     sources: Sources,
     control: Arc<Control>,
     every: Duration,
+    mut hup: Signal,
     mut drain: watch::Receiver<bool>,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup()).ok();
     let mut last = sources.snapshot();
     loop {
         let forced = tokio::select! {
             _ = tokio::time::sleep(every) => false,
-            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            Some(_) = hup.recv() => true,
             _ = drain.wait_for(|v| *v) => return,
         };
         let now = sources.snapshot();

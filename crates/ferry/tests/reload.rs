@@ -24,15 +24,28 @@ fn policy(lb: &str, timeout: &str, endpoints: &[std::net::SocketAddr]) -> String
 async fn web_state(f: &Ferry) -> (String, BTreeSet<String>) {
     let (_, e) = f.admin("GET", "/endpoints", "").await;
     let web = &e["services"]["web"];
-    let addrs = web["endpoints"].as_array().unwrap().iter().map(|x| x["address"].as_str().unwrap().to_string()).collect();
+    let addrs = web["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["address"].as_str().unwrap().to_string())
+        .collect();
     (web["lb"].as_str().unwrap().to_string(), addrs)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_policy_changes_under_load_drop_no_request() {
-    let ups = [upstream("a").await, upstream("b").await, upstream("c").await];
+    let ups = [
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    ];
     let all: Vec<_> = ups.iter().map(|u| u.addr).collect();
-    let f = Ferry::start(&policy("round-robin", "2s", &all), &["--watch-interval", "50ms"], &[]);
+    let f = Ferry::start(
+        &policy("round-robin", "2s", &all),
+        &["--watch-interval", "50ms"],
+        &[],
+    );
     let web = f.addr("web");
 
     // 20 000 requests over 16 keep-alive connections.
@@ -61,7 +74,14 @@ async fn a_hundred_policy_changes_under_load_drop_no_request() {
         }));
     }
 
-    let lbs = ["round-robin", "least-request", "random", "p2c-ewma", "ring-hash", "maglev"];
+    let lbs = [
+        "round-robin",
+        "least-request",
+        "random",
+        "p2c-ewma",
+        "ring-hash",
+        "maglev",
+    ];
     let timeouts = ["1s", "2s", "3s"];
     let subsets: [&[usize]; 4] = [&[0, 1, 2], &[0, 1], &[1, 2], &[0, 2]];
     let mut changes = 0;
@@ -79,13 +99,19 @@ async fn a_hundred_policy_changes_under_load_drop_no_request() {
             let before = before + 1;
             write_atomically(&f.path("policy.yaml"), &policy(lb, timeout, &eps));
             assert!(
-                eventually(Duration::from_secs(10), || async { f.policy_version().await > before }).await,
+                eventually(Duration::from_secs(10), || async {
+                    f.policy_version().await > before
+                })
+                .await,
                 "file change {i} was not picked up"
             );
         } else {
             let doc = format!(
                 "services: {{web: {{lb: {lb}, timeout: {timeout}, endpoints: [{}]}}}}",
-                eps.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ")
+                eps.iter()
+                    .map(|e| format!("\"{e}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             let (status, body) = f.admin("PUT", "/policy", &doc).await;
             assert_eq!(status, 200, "{body}");
@@ -96,14 +122,23 @@ async fn a_hundred_policy_changes_under_load_drop_no_request() {
         let (got_lb, got_eps) = web_state(&f).await;
         assert_eq!((got_lb.as_str(), &got_eps), (lb, &want), "change {i}");
         let (_, p) = f.admin("GET", "/policy", "").await;
-        assert_eq!(p["policy"]["services"]["web"]["timeout"], timeout, "change {i}");
+        assert_eq!(
+            p["policy"]["services"]["web"]["timeout"], timeout,
+            "change {i}"
+        );
         // ... and the next requests only reach endpoints of the new set.
-        let names: BTreeSet<String> = subsets[i % subsets.len()].iter().map(|&j| ["a", "b", "c"][j].to_string()).collect();
+        let names: BTreeSet<String> = subsets[i % subsets.len()]
+            .iter()
+            .map(|&j| ["a", "b", "c"][j].to_string())
+            .collect();
         let mut probe = Conn::open(web).await.unwrap();
         for _ in 0..6 {
             let (status, body) = probe.get("/").await.unwrap();
             assert_eq!(status, 200);
-            assert!(names.contains(&body), "change {i}: {body} answered, not one of {names:?}");
+            assert!(
+                names.contains(&body),
+                "change {i}: {body} answered, not one of {names:?}"
+            );
         }
         changes += 1;
     }
@@ -113,9 +148,15 @@ async fn a_hundred_policy_changes_under_load_drop_no_request() {
     }
     assert!(changes >= 100);
     // The changes really happened under load.
-    assert!(done_before_changes < CONNS * PER_CONN && done_after_changes > done_before_changes + 1000);
+    assert!(
+        done_before_changes < CONNS * PER_CONN && done_after_changes > done_before_changes + 1000
+    );
     assert_eq!(done.load(Ordering::Relaxed), CONNS * PER_CONN);
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "requests failed during reloads");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "requests failed during reloads"
+    );
 }
 
 #[tokio::test]
@@ -127,7 +168,9 @@ async fn requests_in_flight_finish_under_the_policy_they_started_with() {
     // meanwhile must not cut it.
     let slow = tokio::spawn(async move { Conn::open(web).await.unwrap().get("/slow").await });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (status, _) = f.admin("PUT", "/policy", "services: {web: {timeout: 100ms}}").await;
+    let (status, _) = f
+        .admin("PUT", "/policy", "services: {web: {timeout: 100ms}}")
+        .await;
     assert_eq!(status, 200);
     assert_eq!(slow.await.unwrap().unwrap().0, 200);
     // The next one runs under the new timeout.
@@ -136,7 +179,10 @@ async fn requests_in_flight_finish_under_the_policy_they_started_with() {
 }
 
 fn downward_api(lines: &[(&str, &str)]) -> String {
-    lines.iter().map(|(k, v)| format!("{k}=\"{v}\"\n")).collect()
+    lines
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{v}\"\n"))
+        .collect()
 }
 
 /// Swaps `dir/annotations` the way the kubelet does: a new timestamped directory, then
@@ -158,39 +204,94 @@ fn kubelet_write(dir: &std::path::Path, generation: u32, text: &str) {
 async fn annotations_reach_the_running_sidecar_and_a_bad_one_is_refused() {
     let (a, b) = (upstream("a").await, upstream("b").await);
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.yaml"), policy("p2c-ewma", "2s", &[a.addr, b.addr]).replace("    lb: p2c-ewma\n", "")).unwrap();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        policy("p2c-ewma", "2s", &[a.addr, b.addr]).replace("    lb: p2c-ewma\n", ""),
+    )
+    .unwrap();
     let ann = dir.path().join("podinfo");
     std::fs::create_dir(&ann).unwrap();
-    kubelet_write(&ann, 1, &downward_api(&[("app", "web"), ("ferry.dev/lb", "round-robin")]));
+    kubelet_write(
+        &ann,
+        1,
+        &downward_api(&[("app", "web"), ("ferry.dev/lb", "round-robin")]),
+    );
     let ann_file = ann.join("annotations").display().to_string();
-    let f = Ferry::start_in(dir, &["--annotations", &ann_file, "--watch-interval", "50ms"], &[]);
+    let f = Ferry::start_in(
+        dir,
+        &["--annotations", &ann_file, "--watch-interval", "50ms"],
+        &[],
+    );
     assert_eq!(web_state(&f).await.0, "round-robin");
 
     // `kubectl annotate` -> the kubelet swaps the file -> the sidecar reloads.
     let v1 = f.policy_version().await;
-    kubelet_write(&ann, 2, &downward_api(&[("app", "web"), ("ferry.dev/lb", "least-request")]));
-    assert!(eventually(Duration::from_secs(10), || async { web_state(&f).await.0 == "least-request" }).await);
+    kubelet_write(
+        &ann,
+        2,
+        &downward_api(&[("app", "web"), ("ferry.dev/lb", "least-request")]),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            web_state(&f).await.0 == "least-request"
+        })
+        .await
+    );
     let (_, p) = f.admin("GET", "/policy", "").await;
     assert_eq!(p["sources"]["services.web.lb"], "file");
     assert!(p["version"].as_u64().unwrap() > v1);
 
     // A bad value: refused whole, the running policy stays, the error is shown.
     let v2 = f.policy_version().await;
-    kubelet_write(&ann, 3, &downward_api(&[("ferry.dev/lb", "banana"), ("ferry.dev/timeout", "soon")]));
-    assert!(eventually(Duration::from_secs(10), || async { !f.admin("GET", "/policy", "").await.1["last_error"].is_null() }).await);
+    kubelet_write(
+        &ann,
+        3,
+        &downward_api(&[("ferry.dev/lb", "banana"), ("ferry.dev/timeout", "soon")]),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !f.admin("GET", "/policy", "").await.1["last_error"].is_null()
+        })
+        .await
+    );
     let (_, p) = f.admin("GET", "/policy", "").await;
     assert_eq!(p["version"].as_u64().unwrap(), v2);
-    let errors: Vec<&str> = p["last_error"]["errors"].as_array().unwrap().iter().map(|e| e["error"].as_str().unwrap()).collect();
+    let errors: Vec<&str> = p["last_error"]["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["error"].as_str().unwrap())
+        .collect();
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors.iter().any(|e| e.starts_with("ferry.dev/lb: \"banana\" is not a balancer")), "{errors:?}");
-    assert!(errors.iter().any(|e| e.starts_with("ferry.dev/timeout: \"soon\" is not a duration")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("ferry.dev/lb: \"banana\" is not a balancer")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("ferry.dev/timeout: \"soon\" is not a duration")),
+        "{errors:?}"
+    );
     assert_eq!(web_state(&f).await.0, "least-request");
-    let (status, _) = Conn::open(f.addr("web")).await.unwrap().get("/").await.unwrap();
+    let (status, _) = Conn::open(f.addr("web"))
+        .await
+        .unwrap()
+        .get("/")
+        .await
+        .unwrap();
     assert_eq!(status, 200);
 
     // Fixed: accepted, and the error clears.
     kubelet_write(&ann, 4, &downward_api(&[("ferry.dev/lb", "random")]));
-    assert!(eventually(Duration::from_secs(10), || async { web_state(&f).await.0 == "random" }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            web_state(&f).await.0 == "random"
+        })
+        .await
+    );
     assert!(f.admin("GET", "/policy", "").await.1["last_error"].is_null());
 }
 
@@ -198,9 +299,22 @@ async fn annotations_reach_the_running_sidecar_and_a_bad_one_is_refused() {
 async fn sighup_reloads_at_once() {
     let (a, b) = (upstream("a").await, upstream("b").await);
     // A watch interval far longer than the test: only SIGHUP can trigger the reload.
-    let f = Ferry::start(&policy("round-robin", "2s", &[a.addr]), &["--watch-interval", "1h"], &[]);
-    std::fs::write(f.path("policy.yaml"), policy("random", "2s", &[a.addr, b.addr])).unwrap();
+    let f = Ferry::start(
+        &policy("round-robin", "2s", &[a.addr]),
+        &["--watch-interval", "1h"],
+        &[],
+    );
+    std::fs::write(
+        f.path("policy.yaml"),
+        policy("random", "2s", &[a.addr, b.addr]),
+    )
+    .unwrap();
     f.signal("HUP");
-    assert!(eventually(Duration::from_secs(5), || async { web_state(&f).await.0 == "random" }).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            web_state(&f).await.0 == "random"
+        })
+        .await
+    );
     assert_eq!(web_state(&f).await.1.len(), 2);
 }

@@ -19,7 +19,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value as Json;
 
 /// Polls `cond` until it holds or `within` passes.
-pub async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(within: Duration, mut cond: F) -> bool {
+pub async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(
+    within: Duration,
+    mut cond: F,
+) -> bool {
     let end = Instant::now() + within;
     loop {
         if cond().await {
@@ -92,7 +95,10 @@ impl Ferry {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -101,7 +107,9 @@ impl Ferry {
     }
 
     pub async fn policy_version(&self) -> u64 {
-        self.admin("GET", "/policy", "").await.1["version"].as_u64().unwrap()
+        self.admin("GET", "/policy", "").await.1["version"]
+            .as_u64()
+            .unwrap()
     }
 
     pub async fn metrics(&self) -> String {
@@ -120,7 +128,9 @@ impl Drop for Ferry {
 /// One HTTP/1.1 request on a new connection.
 pub async fn raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = Request::builder()
         .method(method)
@@ -136,7 +146,10 @@ pub async fn raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16
 
 pub async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Json) {
     let (status, text) = raw(addr, method, path, body).await;
-    (status, serde_json::from_str(&text).unwrap_or(Json::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Json::String(text)),
+    )
 }
 
 /// A keep-alive HTTP/1.1 connection for load.
@@ -145,7 +158,9 @@ pub struct Conn(hyper::client::conn::http1::SendRequest<Full<Bytes>>);
 impl Conn {
     pub async fn open(addr: SocketAddr) -> std::io::Result<Conn> {
         let s = tokio::net::TcpStream::connect(addr).await?;
-        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.map_err(std::io::Error::other)?;
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .map_err(std::io::Error::other)?;
         tokio::spawn(conn);
         Ok(Conn(tx))
     }
@@ -153,10 +168,19 @@ impl Conn {
     /// GET `path`: the status and the body, or an error for a broken connection.
     pub async fn get(&mut self, path: &str) -> Result<(u16, String), String> {
         self.0.ready().await.map_err(|e| e.to_string())?;
-        let req = Request::builder().uri(path).header("host", "web").body(Full::default()).unwrap();
+        let req = Request::builder()
+            .uri(path)
+            .header("host", "web")
+            .body(Full::default())
+            .unwrap();
         let resp = self.0.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 }
