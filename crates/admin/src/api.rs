@@ -125,7 +125,7 @@ async fn get_policy(State(s): State<AdminState>) -> Response {
 /// The body as a policy document: YAML, or JSON (which is YAML).
 fn parse_body(body: &Bytes) -> Result<Policy, Response> {
     let text = std::str::from_utf8(body)
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "the body is not UTF-8"))?;
+        .map_err(|_| invalid(&FieldError::new("(body)", "", "is not UTF-8 text").into()))?;
     Policy::from_yaml(text).map_err(|e| invalid(&e))
 }
 
