@@ -22,6 +22,7 @@ async fn the_admin_api_survives_fuzzing_from_its_openapi_document() {
     let url = format!("http://{}", ferry.addr("admin"));
     let run = tokio::task::spawn_blocking(move || {
         Command::new("schemathesis")
+            .current_dir(std::env::temp_dir())
             .args(["run", schema, "--url", &url])
             .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"])
             // Shutdown would end the process under test; it has its own tests.
