@@ -7,7 +7,11 @@ mod proxy;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "A service-mesh sidecar for Kubernetes RPC traffic")]
+#[command(
+    name = "ferry",
+    version,
+    about = "A service-mesh sidecar for Kubernetes RPC traffic"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -189,26 +189,30 @@ pub async fn run(
     let (drain_tx, drain_rx) = watch::channel(false);
     let drain_tx = Arc::new(drain_tx);
 
-    let mut out = std::io::stdout().lock();
     let admin = match file.admin_addr() {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("admin API cannot bind {addr}"))?;
-            writeln!(out, "ferry: listening admin {}", l.local_addr()?)?;
-            Some(l)
-        }
+                .with_context(|| format!("admin API cannot bind {addr}"))?,
+        ),
         None => None,
     };
+    // One write, so the lines a supervisor or test reads arrive together.
+    let mut lines = String::new();
+    if let Some(l) = &admin {
+        lines.push_str(&format!("ferry: listening admin {}\n", l.local_addr()?));
+    }
     for (name, addr) in proxy.local_addrs() {
-        writeln!(out, "ferry: listening {name} {addr}")?;
+        lines.push_str(&format!("ferry: listening {name} {addr}\n"));
     }
-    writeln!(out, "ferry: ready")?;
+    lines.push_str("ferry: ready\n");
     if let Some(a) = announce {
-        writeln!(out, "{a}")?;
+        lines.push_str(a);
+        lines.push('\n');
     }
+    let mut out = std::io::stdout();
+    out.write_all(lines.as_bytes())?;
     out.flush()?;
-    drop(out);
 
     let token = match &args.admin_token_file {
         Some(p) => Some(Arc::<str>::from(
