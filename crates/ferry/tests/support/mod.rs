@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -52,7 +54,10 @@ impl Ferry {
     }
 
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str], prefix: &[&str]) -> Ferry {
-        let bin = env!("CARGO_BIN_EXE_ferry");
+        Self::start_bin(dir, env!("CARGO_BIN_EXE_ferry"), extra, prefix)
+    }
+
+    pub fn start_bin(dir: tempfile::TempDir, bin: &str, extra: &[&str], prefix: &[&str]) -> Ferry {
         let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
         argv.push(bin.to_string());
         argv.extend(["proxy", "--config"].map(String::from));

@@ -1,0 +1,114 @@
+//! Network namespaces made by a test, joined by veth, removed on drop; and a way to
+//! run async code inside one (a thread that enters the namespace with `setns`).
+
+use std::process::Command;
+
+pub fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("command runs")
+}
+
+pub fn must(args: &[&str]) -> String {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn is_root() -> bool {
+    String::from_utf8_lossy(&sh(&["id", "-u"]).stdout).trim() == "0"
+}
+
+/// Namespaces to delete when the test ends, whatever happens.
+pub struct Namespaces(pub Vec<String>);
+
+impl Namespaces {
+    /// `n` namespaces named `<prefix>-<pid>-<i>`.
+    pub fn new(prefix: &str, n: usize) -> Namespaces {
+        let ns = Namespaces(
+            (0..n)
+                .map(|i| format!("{prefix}-{}-{i}", std::process::id()))
+                .collect(),
+        );
+        for name in &ns.0 {
+            let _ = sh(&["ip", "netns", "del", name]);
+            must(&["ip", "netns", "add", name]);
+            must(&["ip", "-n", name, "link", "set", "lo", "up"]);
+        }
+        ns
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        &self.0[i]
+    }
+
+    /// A veth pair between namespaces `a` and `b` with the given addresses (CIDR form).
+    pub fn link(&self, a: usize, addr_a: &str, b: usize, addr_b: &str) -> (String, String) {
+        let tag = format!("{}{a}{b}", std::process::id() % 100_000);
+        let (va, vb) = (format!("va{tag}"), format!("vb{tag}"));
+        must(&[
+            "ip", "link", "add", &va, "netns", &self.0[a], "type", "veth", "peer", "name", &vb,
+            "netns", &self.0[b],
+        ]);
+        must(&["ip", "-n", &self.0[a], "addr", "add", addr_a, "dev", &va]);
+        must(&["ip", "-n", &self.0[b], "addr", "add", addr_b, "dev", &vb]);
+        must(&["ip", "-n", &self.0[a], "link", "set", &va, "up"]);
+        must(&["ip", "-n", &self.0[b], "link", "set", &vb, "up"]);
+        (va, vb)
+    }
+
+    /// Runs `f` on a new thread inside namespace `ns`, on its own runtime, to completion.
+    pub fn run<T, F, Fut>(&self, ns: usize, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+    {
+        let path = format!("/var/run/netns/{}", self.0[ns]);
+        std::thread::spawn(move || {
+            enter(&path);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+
+    /// Starts `f` on a thread inside namespace `ns` and leaves it running.
+    pub fn spawn<F, Fut>(&self, ns: usize, f: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let path = format!("/var/run/netns/{}", self.0[ns]);
+        std::thread::spawn(move || {
+            enter(&path);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        });
+    }
+}
+
+fn enter(path: &str) {
+    let f = std::fs::File::open(path).expect("namespace exists");
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = sh(&["ip", "netns", "del", name]);
+        }
+    }
+}
