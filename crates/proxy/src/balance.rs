@@ -16,6 +16,10 @@ use crate::metrics::StatusCounters;
 
 /// Latency assumed for an endpoint that has not answered yet.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// Consecutive connection failures before an endpoint is passed over.
+const EJECT_AFTER: u32 = 3;
+const EJECT_BASE: Duration = Duration::from_secs(1);
+const EJECT_MAX: Duration = Duration::from_secs(30);
 /// How fast the peak-EWMA estimate forgets a slow response.
 const DECAY: Duration = Duration::from_secs(10);
 
@@ -31,6 +35,8 @@ pub struct Endpoint {
     stamp_ns: AtomicU64,
     /// Connection failures since the last success (passive health).
     failures: AtomicU32,
+    /// Until when balancers pass this endpoint over, in `now_ns()` time.
+    ejected_until: AtomicU64,
     pub statuses: StatusCounters,
 }
 
@@ -54,6 +60,7 @@ impl Endpoint {
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(now_ns()),
             failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
             statuses,
         }
     }
@@ -69,11 +76,27 @@ impl Endpoint {
     pub fn connected(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
+            self.ejected_until.store(0, Ordering::Relaxed);
         }
     }
 
+    /// After a few consecutive connection failures the endpoint is passed over for a
+    /// while, doubling with each further failure (up to 30 s); a request after that
+    /// probes it again.
     pub fn connect_failed(&self) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= EJECT_AFTER {
+            let backoff = EJECT_BASE
+                .saturating_mul(1 << (n - EJECT_AFTER).min(5))
+                .min(EJECT_MAX);
+            self.ejected_until
+                .store(now_ns() + backoff.as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_ns() < until
     }
 
     /// Marks a request as started; the guard marks it finished when dropped.
@@ -210,11 +233,22 @@ impl EndpointSet {
                 }
             },
         };
-        let chosen = &self.endpoints[i];
-        match avoid {
-            Some(a) if Arc::ptr_eq(a, chosen) => Some(&self.endpoints[(i + 1) % n]),
-            _ => Some(chosen),
+        // Pass over an ejected endpoint or the one a retry avoids, when another will do.
+        let usable =
+            |e: &Arc<Endpoint>| !e.is_ejected() && !avoid.is_some_and(|a| Arc::ptr_eq(a, e));
+        if usable(&self.endpoints[i]) {
+            return Some(&self.endpoints[i]);
         }
+        (1..n)
+            .map(|k| &self.endpoints[(i + k) % n])
+            .find(|e| usable(e))
+            .or_else(|| {
+                let chosen = &self.endpoints[i];
+                match avoid {
+                    Some(a) if Arc::ptr_eq(a, chosen) => Some(&self.endpoints[(i + 1) % n]),
+                    _ => Some(chosen),
+                }
+            })
     }
 }
 
@@ -362,6 +396,30 @@ mod tests {
         assert_eq!(set.pick(None, None).unwrap().addr.port(), 9001);
         drop(_busy);
         assert_eq!(eps[0].in_flight(), 0);
+    }
+
+    #[test]
+    fn an_endpoint_failing_to_connect_is_passed_over_until_it_recovers() {
+        let set = EndpointSet::new(endpoints(2), Lb::RoundRobin);
+        for _ in 0..EJECT_AFTER {
+            set.endpoints[0].connect_failed();
+        }
+        assert!(set.endpoints[0].is_ejected());
+        for _ in 0..10 {
+            assert_eq!(set.pick(None, None).unwrap().addr.port(), 9001);
+        }
+        set.endpoints[0].connected();
+        let ports: std::collections::HashSet<_> = (0..4)
+            .map(|_| set.pick(None, None).unwrap().addr.port())
+            .collect();
+        assert_eq!(ports.len(), 2);
+        // With every endpoint ejected, requests still go somewhere.
+        for e in &set.endpoints {
+            for _ in 0..EJECT_AFTER {
+                e.connect_failed();
+            }
+        }
+        assert!(set.pick(None, None).is_some());
     }
 
     #[test]

@@ -207,6 +207,9 @@ impl HttpProxy {
                     }
                     let retryable =
                         matches!(e, ProxyError::ConnectFailed | ProxyError::ConnectTimeout);
+                    if retryable {
+                        ep.connect_failed();
+                    }
                     let may_retry = retryable
                         && attempt < settings.retries
                         && retry_parts.is_some()

@@ -17,6 +17,11 @@ use crate::balance::{Endpoint, EndpointSet};
 use crate::discovery::{Discover, EndpointWatch};
 use crate::metrics::{AtomicHistogram, Metrics, ServiceLabels, StatusCounters};
 
+/// How long an idle pooled connection is kept. Below the 10 s header-read timeout that
+/// peers (ferry included) use to close idle keep-alive connections, so a pooled
+/// connection is retired before the other side closes it under a new request.
+const POOL_IDLE: Duration = Duration::from_secs(5);
+
 /// Pooled upstream clients, one per protocol. Cloning shares the pools.
 #[derive(Clone)]
 pub struct Clients {
@@ -33,7 +38,7 @@ impl Clients {
         let mut b = Client::builder(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90));
+            .pool_idle_timeout(POOL_IDLE);
         let h1 = b.build(conn.clone());
         b.http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(30))

@@ -67,7 +67,10 @@ impl Ferry {
             .args(&argv[1..])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .env("FERRY_LOG", "warn")
+            .env(
+                "FERRY_LOG",
+                std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .spawn()
             .expect("ferry starts");
         let mut addrs = HashMap::new();
@@ -172,21 +175,31 @@ impl Conn {
 
     /// GET `path`: the status and the body, or an error for a broken connection.
     pub async fn get(&mut self, path: &str) -> Result<(u16, String), String> {
+        self.get_with(path, &[]).await.map(|(s, _, b)| (s, b))
+    }
+
+    /// GET with extra headers: status, response headers and body.
+    pub async fn get_with(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, hyper::HeaderMap, String), String> {
         self.0.ready().await.map_err(|e| e.to_string())?;
-        let req = Request::builder()
-            .uri(path)
-            .header("host", "web")
-            .body(Full::default())
-            .unwrap();
+        let mut req = Request::builder().uri(path).header("host", "web");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::default()).unwrap();
         let resp = self.0.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
     }
 }
 
@@ -201,6 +214,15 @@ pub async fn upstream(name: &'static str) -> Upstream {
 }
 
 pub async fn upstream_on(bind: SocketAddr, name: &'static str) -> Upstream {
+    upstream_delayed(bind, name, Duration::ZERO).await
+}
+
+/// Like [`upstream`], but every answer takes at least `delay`.
+pub async fn slow_upstream(name: &'static str, delay: Duration) -> Upstream {
+    upstream_delayed("127.0.0.1:0".parse().unwrap(), name, delay).await
+}
+
+async fn upstream_delayed(bind: SocketAddr, name: &'static str, delay: Duration) -> Upstream {
     let l = tokio::net::TcpListener::bind(bind).await.unwrap();
     let addr = l.local_addr().unwrap();
     let hits = Arc::new(AtomicU64::new(0));
@@ -213,6 +235,7 @@ pub async fn upstream_on(bind: SocketAddr, name: &'static str) -> Upstream {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     h.fetch_add(1, Ordering::Relaxed);
                     async move {
+                        tokio::time::sleep(delay).await;
                         if req.uri().path() == "/slow" {
                             tokio::time::sleep(Duration::from_millis(300)).await;
                         }

@@ -1,0 +1,180 @@
+//! gRPC through the real sidecar with tonic: every call shape, statuses and trailers,
+//! deadlines.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_demo::proto::EchoRequest;
+use ferry_demo::proto::echo_client::EchoClient;
+use futures::StreamExt;
+use support::Ferry;
+use tokio::net::TcpListener;
+use tonic::Code;
+
+async fn grpc_upstream(name: &str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(ferry_demo::serve_grpc(name.to_string(), l));
+    a
+}
+
+fn policy(eps: &[SocketAddr], extra: &str) -> String {
+    let eps: Vec<String> = eps.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "admin: 127.0.0.1:0\nlisteners:\n  - {{name: grpc, bind: \"127.0.0.1:0\", service: echo}}\n  - {{name: empty, bind: \"127.0.0.1:0\", service: empty}}\n\
+         services:\n  empty: {{endpoints: []}}\n  echo:\n    lb: round-robin\n{extra}    endpoints: [{}]\n",
+        eps.join(", ")
+    )
+}
+
+async fn client(addr: SocketAddr) -> EchoClient<tonic::transport::Channel> {
+    EchoClient::connect(format!("http://{addr}")).await.unwrap()
+}
+
+fn req(message: &str) -> EchoRequest {
+    EchoRequest {
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn unary_and_every_streaming_shape_pass_through() {
+    let (a, b) = (grpc_upstream("g-a").await, grpc_upstream("g-b").await);
+    let f = Ferry::start(&policy(&[a, b], ""), &[], &[]);
+    let mut c = client(f.addr("grpc")).await;
+
+    let mut servers = Vec::new();
+    for i in 0..4 {
+        let r = c.say(req(&format!("m{i}"))).await.unwrap().into_inner();
+        assert_eq!(r.message, format!("m{i}"));
+        servers.push(r.server);
+    }
+    assert_eq!(
+        servers,
+        ["g-a", "g-b", "g-a", "g-b"],
+        "round robin per call on one HTTP/2 connection"
+    );
+
+    let expanded: Vec<String> = c
+        .expand(EchoRequest {
+            message: "x".into(),
+            count: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.unwrap().message)
+        .collect()
+        .await;
+    assert_eq!(expanded.len(), 50);
+    assert_eq!(expanded[49], "x 49");
+
+    let collected = c
+        .collect(futures::stream::iter((0..10).map(|i| req(&i.to_string()))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(collected.message, "0 1 2 3 4 5 6 7 8 9");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = c
+        .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..5 {
+        tx.send(req(&format!("turn {i}"))).await.unwrap();
+        // A reply per message, before the next is sent: a real conversation.
+        assert_eq!(
+            replies.next().await.unwrap().unwrap().message,
+            format!("turn {i}")
+        );
+    }
+    drop(tx);
+    assert!(replies.next().await.is_none());
+}
+
+#[tokio::test]
+async fn a_failed_call_keeps_its_status_and_message() {
+    let a = grpc_upstream("g-a").await;
+    let f = Ferry::start(&policy(&[a], ""), &[], &[]);
+    let mut c = client(f.addr("grpc")).await;
+    let err = c
+        .say(EchoRequest {
+            message: "nope".into(),
+            fail_code: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::NotFound, "failed as asked: nope")
+    );
+    assert!(
+        err.metadata().get("x-ferry-error").is_none(),
+        "an upstream status is not ferry's"
+    );
+    // A failure mid-stream still arrives as trailers after the data.
+    let mut s = c
+        .chat(futures::stream::iter(vec![
+            req("ok"),
+            EchoRequest {
+                fail_code: 9,
+                ..req("bad")
+            },
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.next().await.unwrap().unwrap().message, "ok");
+    assert_eq!(
+        s.next().await.unwrap().unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+}
+
+#[tokio::test]
+async fn deadlines_and_missing_endpoints_are_grpc_statuses() {
+    let a = grpc_upstream("g-a").await;
+    let f = Ferry::start(&policy(&[a], "    timeout: 200ms\n"), &[], &[]);
+    let mut c = client(f.addr("grpc")).await;
+    let err = c
+        .say(EchoRequest {
+            delay_ms: 1000,
+            ..req("slow")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(err.metadata().get("x-ferry-error").unwrap(), "timeout");
+
+    // A client deadline shorter than the policy's wins, and the upstream sees what is left.
+    let mut r = tonic::Request::new(req("quick"));
+    r.set_timeout(Duration::from_millis(150));
+    let resp = c.say(r).await.unwrap();
+    let seen = resp
+        .metadata()
+        .get("x-received-grpc-timeout")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let micros: u64 = seen
+        .trim_end_matches('u')
+        .parse()
+        .unwrap_or_else(|_| panic!("{seen}"));
+    assert!(
+        micros <= 150_000 && micros > 50_000,
+        "upstream saw grpc-timeout {seen}"
+    );
+
+    let mut e = client(f.addr("empty")).await;
+    let err = e.say(req("anyone?")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(err.metadata().get("x-ferry-error").unwrap(), "no-endpoints");
+}
