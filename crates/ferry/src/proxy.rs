@@ -180,8 +180,16 @@ pub async fn run(
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
-    let shared = Shared::new(file.clone(), Arc::new(DefaultDiscover::default()), metrics)
-        .map_err(|e| anyhow::anyhow!("the policy is not valid:\n{e}"))?;
+    let tracer =
+        ferry_telemetry::Tracer::from_env("ferry").context("tracing setup (OTEL_* variables)")?;
+    tracer.register_metrics(&mut registry);
+    let shared = Shared::with_tracer(
+        file.clone(),
+        Arc::new(DefaultDiscover::default()),
+        metrics,
+        tracer,
+    )
+    .map_err(|e| anyhow::anyhow!("the policy is not valid:\n{e}"))?;
     let control = Control::new(shared.clone(), file.clone(), sources.origin());
 
     let proxy = Proxy::bind(shared.clone()).await?;

@@ -37,8 +37,14 @@ pub struct Listener {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenerKind {
-    /// Explicit mode: every connection goes to one service.
-    Service { service: String, opaque: bool },
+    /// Explicit mode: every connection goes to one service. `inbound` marks a listener
+    /// in front of the local app (server spans) rather than one the app calls out
+    /// through (client spans).
+    Service {
+        service: String,
+        opaque: bool,
+        inbound: bool,
+    },
     /// Transparent mode, app to world: the original destination picks the service.
     Outbound,
     /// Transparent mode, world to app: forwarded to the app on loopback.
@@ -312,9 +318,16 @@ impl Policy {
                 .map(|l| {
                     let mut o = json!({"name": l.name, "bind": l.bind.to_string()});
                     match &l.kind {
-                        ListenerKind::Service { service, opaque } => {
+                        ListenerKind::Service {
+                            service,
+                            opaque,
+                            inbound,
+                        } => {
                             o["service"] = json!(service);
                             o["protocol"] = json!(if *opaque { "opaque" } else { "auto" });
+                            if *inbound {
+                                o["direction"] = json!("inbound");
+                            }
                         }
                         ListenerKind::Outbound => o["transparent"] = json!("outbound"),
                         ListenerKind::Inbound => o["transparent"] = json!("inbound"),
@@ -529,6 +542,7 @@ fn listeners(v: &Value, errs: &mut Errors) -> Vec<Listener> {
         };
         let (mut name, mut bind, mut service, mut transparent, mut opaque) =
             (None, None, None, None, false);
+        let mut inbound = false;
         let mut ok = true;
         for (k, v) in m {
             let f = format!("{field}.{k}");
@@ -549,6 +563,11 @@ fn listeners(v: &Value, errs: &mut Errors) -> Vec<Listener> {
                         "is not a direction (allowed: outbound, inbound)",
                     )),
                 },
+                "direction" => match s.as_str() {
+                    "outbound" => inbound = false,
+                    "inbound" => inbound = true,
+                    _ => errs.push(FieldError::new(f, s, "is not a direction (allowed: outbound, inbound)")),
+                },
                 "protocol" => match s.as_str() {
                     "auto" => opaque = false,
                     "opaque" => opaque = true,
@@ -561,7 +580,7 @@ fn listeners(v: &Value, errs: &mut Errors) -> Vec<Listener> {
                 _ => errs.push(FieldError::new(
                     f,
                     "",
-                    "is not a listener field (allowed: name, bind, service, transparent, protocol)",
+                    "is not a listener field (allowed: name, bind, service, transparent, protocol, direction)",
                 )),
             }
         }
@@ -574,7 +593,11 @@ fn listeners(v: &Value, errs: &mut Errors) -> Vec<Listener> {
             ok = false;
         }
         let kind = match (service, transparent) {
-            (Some(service), None) => Some(ListenerKind::Service { service, opaque }),
+            (Some(service), None) => Some(ListenerKind::Service {
+                service,
+                opaque,
+                inbound,
+            }),
             (None, Some(t)) => Some(t),
             (Some(_), Some(_)) => {
                 errs.push(FieldError::new(

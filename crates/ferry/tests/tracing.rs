@@ -1,0 +1,359 @@
+//! Traces across two sidecars, checked at a real OTLP collector (rotel, from PyPI):
+//! client -> sidecar A (outbound, client span) -> sidecar B (inbound, server span) -> app.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ferry_demo::HttpUpstream;
+use support::{Conn, Ferry, eventually};
+
+/// A span as the collector printed it.
+#[derive(Clone, Debug, Default)]
+struct Span {
+    trace: String,
+    parent: String,
+    id: String,
+    kind: String,
+    service: String,
+    attrs: BTreeMap<String, String>,
+}
+
+/// rotel's collector, printing every span it receives to a file.
+struct Collector {
+    child: Child,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+    grpc: SocketAddr,
+    http: SocketAddr,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Collector {
+    fn start() -> Collector {
+        let bin = Command::new("python3")
+            .args(["-c", "import rotel, os; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))"])
+            .output()
+            .expect("python3 runs");
+        let bin = String::from_utf8(bin.stdout).unwrap().trim().to_string();
+        assert!(
+            std::path::Path::new(&bin).exists(),
+            "rotel is not installed (pip install rotel; .ci/run does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("spans.txt");
+        let (grpc, http) = (free_port(), free_port());
+        let child = Command::new(bin)
+            .args([
+                "start",
+                "--exporter",
+                "blackhole",
+                "--debug-log",
+                "traces",
+                "--debug-log-verbosity",
+                "detailed",
+            ])
+            .args([
+                "--otlp-grpc-endpoint",
+                &format!("127.0.0.1:{grpc}"),
+                "--otlp-http-endpoint",
+                &format!("127.0.0.1:{http}"),
+            ])
+            .args(["--batch-timeout", "100ms"])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let c = Collector {
+            child,
+            out,
+            _dir: dir,
+            grpc: ([127, 0, 0, 1], grpc).into(),
+            http: ([127, 0, 0, 1], http).into(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(c.grpc).is_err()
+            || std::net::TcpStream::connect(c.http).is_err()
+        {
+            assert!(std::time::Instant::now() < deadline, "rotel did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let mut spans = Vec::new();
+        let mut service = String::new();
+        let mut cur: Option<Span> = None;
+        let mut in_attrs = false;
+        for line in text.lines() {
+            let t = line.trim();
+            if let Some(v) = t.strip_prefix("-> service.name: Str(") {
+                service = v.trim_end_matches(')').to_string();
+                continue;
+            }
+            if t.starts_with("Span #") {
+                spans.extend(cur.take());
+                cur = Some(Span {
+                    service: service.clone(),
+                    ..Span::default()
+                });
+                in_attrs = false;
+                continue;
+            }
+            if t.starts_with("ResourceSpans #") {
+                spans.extend(cur.take());
+            }
+            let Some(s) = cur.as_mut() else { continue };
+            let field = |p: &str| {
+                t.strip_prefix(p)
+                    .map(|v| v.trim_start_matches([' ', ':']).trim().to_string())
+            };
+            if let Some(v) = field("Trace ID") {
+                s.trace = v;
+            } else if let Some(v) = field("Parent ID") {
+                s.parent = v;
+            } else if let Some(v) = field("ID") {
+                s.id = v;
+            } else if let Some(v) = field("Kind") {
+                s.kind = v;
+            } else if t.starts_with("Attributes:") {
+                in_attrs = true;
+            } else if in_attrs && let Some(kv) = t.strip_prefix("-> ") {
+                if let Some((k, v)) = kv.split_once(": ") {
+                    let v = v
+                        .split_once('(')
+                        .map(|(_, v)| v.trim_end_matches(')'))
+                        .unwrap_or(v);
+                    s.attrs.insert(k.to_string(), v.to_string());
+                }
+            }
+        }
+        spans.extend(cur);
+        spans
+    }
+
+    fn trace(&self, id: &str) -> Vec<Span> {
+        self.spans().into_iter().filter(|s| s.trace == id).collect()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sidecar B fronts the app (server spans, exported over OTLP/HTTP); sidecar A is the
+/// caller's (client spans, exported over OTLP/gRPC) and sends to B.
+fn two_sidecars(c: &Collector, app: SocketAddr) -> (Ferry, Ferry) {
+    let b_policy = format!(
+        "admin: 127.0.0.1:0\nlisteners: [{{name: in, bind: \"127.0.0.1:0\", service: app, direction: inbound}}]\n\
+         defaults: {{trace-propagation: \"w3c,b3,b3multi,jaeger\"}}\nservices: {{app: {{endpoints: [\"{app}\"]}}}}\n"
+    );
+    let b = with_env(
+        &b_policy,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", c.http)),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+            ("OTEL_SERVICE_NAME", "app-b".into()),
+        ],
+    );
+    let a_policy = format!(
+        "admin: 127.0.0.1:0\nlisteners: [{{name: out, bind: \"127.0.0.1:0\", service: b}}]\n\
+         defaults: {{trace-propagation: \"w3c,b3,b3multi,jaeger\"}}\nservices: {{b: {{endpoints: [\"{}\"]}}}}\n",
+        b.addr("in")
+    );
+    let a = with_env(
+        &a_policy,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", c.grpc)),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+            ("OTEL_SERVICE_NAME", "app-a".into()),
+        ],
+    );
+    (a, b)
+}
+
+fn with_env(policy: &str, env: &[(&str, String)]) -> Ferry {
+    for (k, v) in env {
+        // Each sidecar is a child process; the variables only reach it through this.
+        support::set_child_env(k, v);
+    }
+    let f = Ferry::start(policy, &[], &[]);
+    support::clear_child_env();
+    f
+}
+
+async fn headers_seen(through: SocketAddr, sent: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut c = Conn::open(through).await.unwrap();
+    let (status, _, body) = c.get_with("/headers", sent).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+#[tokio::test]
+async fn one_trace_across_two_sidecars_in_every_format() {
+    let c = Collector::start();
+    let app = HttpUpstream::start("app").await.unwrap();
+    let (a, _b) = two_sidecars(&c, app.addr);
+
+    // Each format the caller may use, read by A, carried to B, written on to the app.
+    let inputs: [(&str, Vec<(&str, String)>); 4] = [
+        (
+            "w3c",
+            vec![("traceparent", format!("00-{TRACE}-{CALLER_SPAN}-01"))],
+        ),
+        ("b3", vec![("b3", format!("{TRACE}-{CALLER_SPAN}-1"))]),
+        (
+            "b3multi",
+            vec![
+                ("x-b3-traceid", TRACE.into()),
+                ("x-b3-spanid", CALLER_SPAN.into()),
+                ("x-b3-sampled", "1".into()),
+            ],
+        ),
+        (
+            "jaeger",
+            vec![("uber-trace-id", format!("{TRACE}:{CALLER_SPAN}:0:1"))],
+        ),
+    ];
+    for (i, (format, hdrs)) in inputs.iter().enumerate() {
+        // A distinct trace per format, so spans can be told apart.
+        let trace = format!("{}{:02x}", &TRACE[..30], i);
+        let hdrs: Vec<(&str, String)> = hdrs
+            .iter()
+            .map(|(k, v)| (*k, v.replace(TRACE, &trace)))
+            .collect();
+        let sent: Vec<(&str, &str)> = hdrs
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain([("baggage", "user=42")])
+            .collect();
+        let seen = headers_seen(a.addr("out"), &sent).await;
+        // The app sees every format, one trace id, and B's span as its parent.
+        let tp = &seen["traceparent"];
+        assert!(
+            tp.starts_with(&format!("00-{trace}-")) && tp.ends_with("-01"),
+            "{format}: {tp}"
+        );
+        assert!(seen["b3"].starts_with(&trace), "{format}: {seen:?}");
+        assert_eq!(seen["x-b3-traceid"], trace, "{format}");
+        assert!(seen["uber-trace-id"].starts_with(&trace), "{format}");
+        assert_eq!(seen["baggage"], "user=42", "baggage passes through");
+        assert!(seen.contains_key("x-request-id"));
+        let app_parent = tp.split('-').nth(2).unwrap().to_string();
+
+        assert!(
+            eventually(Duration::from_secs(15), || async {
+                c.trace(&trace).len() >= 2
+            })
+            .await,
+            "{format}: the collector did not get both spans: {:?}",
+            c.spans()
+        );
+        let spans = c.trace(&trace);
+        let client = spans
+            .iter()
+            .find(|s| s.service == "app-a")
+            .expect("a span from sidecar A");
+        let server = spans
+            .iter()
+            .find(|s| s.service == "app-b")
+            .expect("a span from sidecar B");
+        assert_eq!(client.kind, "SPAN_KIND_CLIENT");
+        assert_eq!(server.kind, "SPAN_KIND_SERVER");
+        assert_eq!(
+            client.parent, CALLER_SPAN,
+            "{format}: A's span hangs under the caller's"
+        );
+        assert_eq!(
+            server.parent, client.id,
+            "{format}: B's span hangs under A's"
+        );
+        assert_eq!(
+            app_parent, server.id,
+            "{format}: the app's parent is B's span"
+        );
+        assert_eq!(server.attrs["http.response.status_code"], "200");
+        assert_eq!(server.attrs["url.path"], "/headers");
+        assert_eq!(server.attrs["server.port"], app.addr.port().to_string());
+    }
+}
+
+#[tokio::test]
+async fn a_sampled_out_parent_exports_nothing_but_still_propagates() {
+    let c = Collector::start();
+    let app = HttpUpstream::start("app").await.unwrap();
+    let (a, _b) = two_sidecars(&c, app.addr);
+    let out_trace = format!("{}ff", &TRACE[..30]);
+    let seen = headers_seen(
+        a.addr("out"),
+        &[("traceparent", &format!("00-{out_trace}-{CALLER_SPAN}-00"))],
+    )
+    .await;
+    assert!(
+        seen["traceparent"].starts_with(&format!("00-{out_trace}-"))
+            && seen["traceparent"].ends_with("-00")
+    );
+    assert_eq!(seen["x-b3-sampled"], "0");
+    // A sampled request afterwards shows the exporters work, so silence means something.
+    let in_trace = format!("{}ee", &TRACE[..30]);
+    headers_seen(
+        a.addr("out"),
+        &[("traceparent", &format!("00-{in_trace}-{CALLER_SPAN}-01"))],
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            c.trace(&in_trace).len() >= 2
+        })
+        .await
+    );
+    assert!(
+        c.trace(&out_trace).is_empty(),
+        "a sampled-out trace was exported"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_collector_fails_no_request_and_drops_are_counted() {
+    let c = Collector::start();
+    let app = HttpUpstream::start("app").await.unwrap();
+    let (a, _b) = two_sidecars(&c, app.addr);
+    drop(c);
+    let mut conn = Conn::open(a.addr("out")).await.unwrap();
+    for _ in 0..300 {
+        assert_eq!(conn.get("/").await.unwrap().0, 200);
+    }
+    let dropped = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("ferry_trace_spans_dropped_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            dropped(&a.metrics().await) > 0
+        })
+        .await,
+        "the dropped-span counter never rose: {}",
+        a.metrics().await
+    );
+}

@@ -1,0 +1,334 @@
+//! Trace-context header codecs: W3C `traceparent`, B3 (single and multi) and Jaeger
+//! `uber-trace-id`. Small and allocation-light, since they run on every request.
+
+use ferry_policy::Formats;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// A trace context read from a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parent {
+    pub trace_id: u128,
+    pub span_id: u64,
+    /// `None` when the caller left the decision to us.
+    pub sampled: Option<bool>,
+}
+
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const B3: HeaderName = HeaderName::from_static("b3");
+const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+const JAEGER: HeaderName = HeaderName::from_static("uber-trace-id");
+
+fn hex_u128(s: &str) -> Option<u128> {
+    (!s.is_empty() && s.len() <= 32)
+        .then(|| u128::from_str_radix(s, 16).ok())
+        .flatten()
+        .filter(|v| *v != 0)
+}
+
+fn hex_u64(s: &str) -> Option<u64> {
+    (!s.is_empty() && s.len() <= 16)
+        .then(|| u64::from_str_radix(s, 16).ok())
+        .flatten()
+        .filter(|v| *v != 0)
+}
+
+fn w3c(v: &str) -> Option<Parent> {
+    let mut p = v.trim().split('-');
+    let (version, trace, span, flags) = (p.next()?, p.next()?, p.next()?, p.next()?);
+    if version.len() != 2
+        || version == "ff"
+        || trace.len() != 32
+        || span.len() != 16
+        || flags.len() != 2
+    {
+        return None;
+    }
+    if version == "00" && p.next().is_some() {
+        return None;
+    }
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    Some(Parent {
+        trace_id: hex_u128(trace)?,
+        span_id: hex_u64(span)?,
+        sampled: Some(flags & 1 == 1),
+    })
+}
+
+fn b3_sampled(s: &str) -> Option<bool> {
+    match s {
+        "1" | "d" | "true" => Some(true),
+        "0" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+fn b3_single(v: &str) -> Option<Parent> {
+    let mut p = v.trim().split('-');
+    let trace = hex_u128(p.next()?)?;
+    let span = hex_u64(p.next()?)?;
+    Some(Parent {
+        trace_id: trace,
+        span_id: span,
+        sampled: p.next().and_then(b3_sampled),
+    })
+}
+
+fn jaeger(v: &str) -> Option<Parent> {
+    let v = v.trim().replace("%3A", ":").replace("%3a", ":");
+    let mut p = v.split(':');
+    let (trace, span, _parent, flags) = (p.next()?, p.next()?, p.next()?, p.next()?);
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    Some(Parent {
+        trace_id: hex_u128(trace)?,
+        span_id: hex_u64(span)?,
+        sampled: Some(flags & 1 == 1),
+    })
+}
+
+fn get<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The parent a request carries, in whichever format it uses (W3C first). Malformed
+/// headers are ignored: the request starts a new trace.
+pub fn extract(h: &HeaderMap) -> Option<Parent> {
+    if let Some(p) = get(h, &TRACEPARENT).and_then(w3c) {
+        return Some(p);
+    }
+    if let Some(p) = get(h, &B3).and_then(b3_single) {
+        return Some(p);
+    }
+    if let (Some(t), Some(s)) = (get(h, &B3_TRACE), get(h, &B3_SPAN))
+        && let (Some(trace_id), Some(span_id)) = (hex_u128(t), hex_u64(s))
+    {
+        let sampled = match get(h, &B3_FLAGS) {
+            Some("1") => Some(true),
+            _ => get(h, &B3_SAMPLED).and_then(b3_sampled),
+        };
+        return Some(Parent {
+            trace_id,
+            span_id,
+            sampled,
+        });
+    }
+    get(h, &JAEGER).and_then(jaeger)
+}
+
+fn value(s: String) -> HeaderValue {
+    HeaderValue::try_from(s).expect("hex digits and dashes are a valid header value")
+}
+
+/// Rewrites `h` for the next hop: every known trace header removed, then each format of
+/// `formats` written with `span_id` as the parent the next hop will see.
+pub fn inject(
+    h: &mut HeaderMap,
+    formats: Formats,
+    trace_id: u128,
+    span_id: u64,
+    parent: Option<u64>,
+    sampled: bool,
+) {
+    for name in [
+        &B3,
+        &B3_TRACE,
+        &B3_SPAN,
+        &B3_PARENT,
+        &B3_SAMPLED,
+        &B3_FLAGS,
+        &JAEGER,
+    ] {
+        if h.contains_key(name) {
+            h.remove(name);
+        }
+    }
+    if formats.contains(Formats::W3C) {
+        let flags = if sampled { "01" } else { "00" };
+        h.insert(
+            TRACEPARENT,
+            value(format!("00-{trace_id:032x}-{span_id:016x}-{flags}")),
+        );
+    } else {
+        h.remove(&TRACEPARENT);
+        h.remove(&TRACESTATE);
+    }
+    if formats.contains(Formats::B3) {
+        let s = if sampled { '1' } else { '0' };
+        let v = match parent {
+            Some(p) => format!("{trace_id:032x}-{span_id:016x}-{s}-{p:016x}"),
+            None => format!("{trace_id:032x}-{span_id:016x}-{s}"),
+        };
+        h.insert(B3, value(v));
+    }
+    if formats.contains(Formats::B3_MULTI) {
+        h.insert(B3_TRACE, value(format!("{trace_id:032x}")));
+        h.insert(B3_SPAN, value(format!("{span_id:016x}")));
+        h.insert(
+            B3_SAMPLED,
+            HeaderValue::from_static(if sampled { "1" } else { "0" }),
+        );
+        if let Some(p) = parent {
+            h.insert(B3_PARENT, value(format!("{p:016x}")));
+        }
+    }
+    if formats.contains(Formats::JAEGER) {
+        let flags = if sampled { 1 } else { 0 };
+        h.insert(
+            JAEGER,
+            value(format!(
+                "{trace_id:032x}:{span_id:016x}:{:016x}:{flags}",
+                parent.unwrap_or(0)
+            )),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: u128 = 0x4bf92f3577b34da6a3ce929d0e0e4736;
+    const S: u64 = 0x00f067aa0ba902b7;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn reads_every_format() {
+        let want = |sampled| {
+            Some(Parent {
+                trace_id: T,
+                span_id: S,
+                sampled,
+            })
+        };
+        assert_eq!(
+            extract(&headers(&[(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            )])),
+            want(Some(true))
+        );
+        assert_eq!(
+            extract(&headers(&[(
+                "b3",
+                "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0"
+            )])),
+            want(Some(false))
+        );
+        assert_eq!(
+            extract(&headers(&[(
+                "b3",
+                "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"
+            )])),
+            want(None)
+        );
+        assert_eq!(
+            extract(&headers(&[
+                ("x-b3-traceid", "4bf92f3577b34da6a3ce929d0e0e4736"),
+                ("x-b3-spanid", "00f067aa0ba902b7"),
+                ("x-b3-sampled", "1")
+            ])),
+            want(Some(true))
+        );
+        assert_eq!(
+            extract(&headers(&[(
+                "uber-trace-id",
+                "4bf92f3577b34da6a3ce929d0e0e4736:00f067aa0ba902b7:0:1"
+            )])),
+            want(Some(true))
+        );
+        assert_eq!(
+            extract(&headers(&[(
+                "uber-trace-id",
+                "4bf92f3577b34da6a3ce929d0e0e4736%3A00f067aa0ba902b7%3A0%3A0"
+            )])),
+            want(Some(false))
+        );
+        // 64-bit B3 trace ids are accepted.
+        assert_eq!(
+            extract(&headers(&[("b3", "a3ce929d0e0e4736-00f067aa0ba902b7-1")]))
+                .unwrap()
+                .trace_id,
+            0xa3ce929d0e0e4736
+        );
+    }
+
+    #[test]
+    fn malformed_headers_are_ignored() {
+        for bad in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-zzf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            assert_eq!(extract(&headers(&[("traceparent", bad)])), None, "{bad}");
+        }
+        assert_eq!(extract(&headers(&[("uber-trace-id", "nope")])), None);
+    }
+
+    #[test]
+    fn writes_every_configured_format_and_drops_the_rest() {
+        let mut h = headers(&[
+            ("b3", "1-2-1"),
+            ("x-b3-traceid", "1"),
+            ("tracestate", "k=v"),
+            ("baggage", "user=42"),
+        ]);
+        let all = Formats::parse("w3c,b3,b3multi,jaeger").unwrap();
+        inject(&mut h, all, T, 0xabc, Some(S), true);
+        assert_eq!(
+            h["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000abc-01"
+        );
+        assert_eq!(
+            h["b3"],
+            "4bf92f3577b34da6a3ce929d0e0e4736-0000000000000abc-1-00f067aa0ba902b7"
+        );
+        assert_eq!(h["x-b3-spanid"], "0000000000000abc");
+        assert_eq!(h["x-b3-parentspanid"], "00f067aa0ba902b7");
+        assert_eq!(
+            h["uber-trace-id"],
+            "4bf92f3577b34da6a3ce929d0e0e4736:0000000000000abc:00f067aa0ba902b7:1"
+        );
+        assert_eq!(h["tracestate"], "k=v");
+        assert_eq!(h["baggage"], "user=42");
+        // Each written format reads back as the same context.
+        for only in ["w3c", "b3", "b3multi", "jaeger"] {
+            let mut h = HeaderMap::new();
+            inject(&mut h, Formats::parse(only).unwrap(), T, 0xabc, None, false);
+            assert_eq!(
+                extract(&h),
+                Some(Parent {
+                    trace_id: T,
+                    span_id: 0xabc,
+                    sampled: Some(false)
+                }),
+                "{only}"
+            );
+        }
+        let mut h = headers(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "k=v"),
+        ]);
+        inject(&mut h, Formats::B3, T, 1, None, true);
+        assert!(!h.contains_key("traceparent") && !h.contains_key("tracestate"));
+    }
+}
