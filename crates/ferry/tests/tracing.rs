@@ -131,14 +131,14 @@ impl Collector {
                 s.kind = v;
             } else if t.starts_with("Attributes:") {
                 in_attrs = true;
-            } else if in_attrs && let Some(kv) = t.strip_prefix("-> ") {
-                if let Some((k, v)) = kv.split_once(": ") {
-                    let v = v
-                        .split_once('(')
-                        .map(|(_, v)| v.trim_end_matches(')'))
-                        .unwrap_or(v);
-                    s.attrs.insert(k.to_string(), v.to_string());
-                }
+            } else if in_attrs
+                && let Some((k, v)) = t.strip_prefix("-> ").and_then(|kv| kv.split_once(": "))
+            {
+                let v = v
+                    .split_once('(')
+                    .map(|(_, v)| v.trim_end_matches(')'))
+                    .unwrap_or(v);
+                s.attrs.insert(k.to_string(), v.to_string());
             }
         }
         spans.extend(cur);
