@@ -370,32 +370,14 @@ mod tests {
     fn a_new_request_gets_a_trace_and_a_request_id() {
         let t = Tracer::disabled();
         let mut h = HeaderMap::new();
-        let s = t.start(
-            Kind::Client,
-            Formats::W3C,
-            1.0,
-            &Method::GET,
-            "/",
-            false,
-            &mut h,
-            peer(),
-        );
+        let s = t.start(call(Kind::Client), Formats::W3C, 1.0, &mut h);
         assert!(!s.is_recording(), "nothing records without an exporter");
         let p = propagation::extract(&h).unwrap();
         assert_eq!(p.sampled, Some(true));
         assert_eq!(h["x-request-id"].len(), 32);
         let mut h2 = HeaderMap::new();
         h2.insert("x-request-id", HeaderValue::from_static("given"));
-        t.start(
-            Kind::Client,
-            Formats::W3C,
-            1.0,
-            &Method::GET,
-            "/",
-            false,
-            &mut h2,
-            peer(),
-        );
+        t.start(call(Kind::Client), Formats::W3C, 1.0, &mut h2);
         assert_eq!(h2["x-request-id"], "given");
     }
 
@@ -407,16 +389,7 @@ mod tests {
             "traceparent",
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
         );
-        t.start(
-            Kind::Server,
-            Formats::W3C | Formats::B3,
-            1.0,
-            &Method::GET,
-            "/",
-            false,
-            &mut h,
-            peer(),
-        );
+        t.start(call(Kind::Server), Formats::W3C | Formats::B3, 1.0, &mut h);
         let p = propagation::extract(&h).unwrap();
         assert_eq!(
             (p.trace_id, p.sampled),
