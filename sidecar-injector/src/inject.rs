@@ -1,0 +1,351 @@
+//! The injector's core, a pure function: a pod and the injector's settings in; the
+//! injected pod, a reason not to inject, or a refusal out. No Kubernetes API calls.
+
+use std::collections::BTreeMap;
+
+use ferry_policy::annotations::{PodAnnotations, SidecarMode};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceRequirements,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+pub const INJECT: &str = "ferry.dev/inject";
+pub const INJECTED: &str = "ferry.dev/injected";
+pub const PROXY: &str = "ferry-proxy";
+pub const INIT: &str = "ferry-init";
+pub const PODINFO: &str = "ferry-podinfo";
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What the injector adds, and where it refuses to.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub image: String,
+    pub image_pull_policy: String,
+    pub excluded_namespaces: Vec<String>,
+    pub sidecar_mode: SidecarMode,
+    pub proxy_uid: i64,
+    pub proxy_cpu: String,
+    pub proxy_memory: String,
+    /// Where sidecars send spans (`OTEL_EXPORTER_OTLP_ENDPOINT`), if anywhere.
+    pub otlp_endpoint: Option<String>,
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            image: format!("ghcr.io/ferry-mesh/ferry:{VERSION}"),
+            image_pull_policy: "IfNotPresent".into(),
+            excluded_namespaces: vec![
+                "kube-system".into(),
+                "kube-public".into(),
+                "kube-node-lease".into(),
+            ],
+            sidecar_mode: SidecarMode::Native,
+            proxy_uid: 1337,
+            proxy_cpu: "100m".into(),
+            proxy_memory: "64Mi".into(),
+            otlp_endpoint: None,
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Injected(Box<Pod>),
+    /// Left alone, and why (shown to the user as an admission warning).
+    Skipped(String),
+}
+
+/// A pod that must not be admitted as it is: bad `ferry.dev/` annotations.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+fn annotations(pod: &Pod) -> BTreeMap<String, String> {
+    pod.metadata.annotations.clone().unwrap_or_default()
+}
+
+/// Decides and, when it should, injects. `namespace_enabled` says whether the pod's
+/// namespace carries `ferry.dev/inject=enabled` (the webhook's namespaceSelector knows).
+pub fn inject(
+    pod: &Pod,
+    namespace: &str,
+    namespace_enabled: bool,
+    cfg: &Config,
+) -> Result<Outcome, Refusal> {
+    let ann = annotations(pod);
+    let wanted = match ann.get(INJECT).map(|v| v.trim()) {
+        Some("enabled") => true,
+        Some("disabled") => {
+            return Ok(Outcome::Skipped(format!(
+                "{INJECT} is disabled on this pod"
+            )));
+        }
+        Some(other) => {
+            return Err(Refusal(format!(
+                "{INJECT}: {other:?} is not an injection choice (allowed: enabled, disabled)"
+            )));
+        }
+        None => namespace_enabled,
+    };
+    if !wanted {
+        return Ok(Outcome::Skipped(
+            "injection is not enabled for this pod or its namespace".into(),
+        ));
+    }
+    if cfg.excluded_namespaces.iter().any(|n| n == namespace) {
+        return Ok(Outcome::Skipped(format!(
+            "namespace {namespace} is excluded from injection"
+        )));
+    }
+    let spec = pod.spec.clone().unwrap_or_default();
+    if spec.host_network == Some(true) {
+        return Ok(Outcome::Skipped(
+            "pods with hostNetwork: true are not injected (their traffic is the node's)".into(),
+        ));
+    }
+    let has_proxy = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == PROXY);
+    if ann.contains_key(INJECTED) || has_proxy {
+        return Ok(Outcome::Skipped("the pod is already injected".into()));
+    }
+    let parsed = PodAnnotations::from_map(&ann).map_err(|e| {
+        Refusal(format!(
+            "invalid ferry annotations: {}",
+            e.iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    })?;
+
+    let mut out = pod.clone();
+    let mode = parsed.sidecar_mode.unwrap_or(cfg.sidecar_mode);
+    let spec = out.spec.get_or_insert_with(Default::default);
+    let proxy = proxy_container(pod, &parsed, mode, cfg);
+    let init = init_container(&parsed, cfg);
+    let mut inits = vec![init];
+    if mode == SidecarMode::Native {
+        // Right after the redirect, so later init containers already go through it.
+        inits.push(proxy.clone());
+    }
+    inits.extend(spec.init_containers.take().unwrap_or_default());
+    spec.init_containers = Some(inits);
+    if mode == SidecarMode::Container {
+        spec.containers.push(proxy);
+    }
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: PODINFO.into(),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: "annotations".into(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.annotations".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    out.metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INJECTED.into(), VERSION.into());
+    Ok(Outcome::Injected(Box::new(out)))
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(15000),
+            ..Default::default()
+        }),
+        period_seconds: Some(1),
+        failure_threshold: Some(failure_threshold),
+        ..Default::default()
+    }
+}
+
+/// The name traces show for this workload.
+fn service_name(pod: &Pod) -> String {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    labels
+        .get("app.kubernetes.io/name")
+        .or_else(|| labels.get("app"))
+        .cloned()
+        .or_else(|| {
+            pod.metadata
+                .generate_name
+                .as_ref()
+                .map(|g| g.trim_end_matches('-').to_string())
+        })
+        .or_else(|| pod.metadata.name.clone())
+        .unwrap_or_else(|| "ferry".into())
+}
+
+fn proxy_container(pod: &Pod, ann: &PodAnnotations, mode: SidecarMode, cfg: &Config) -> Container {
+    let cpu = ann
+        .proxy_cpu
+        .clone()
+        .unwrap_or_else(|| cfg.proxy_cpu.clone());
+    let memory = ann
+        .proxy_memory
+        .clone()
+        .unwrap_or_else(|| cfg.proxy_memory.clone());
+    let mut envs = vec![
+        field_env("FERRY_POD_NAME", "metadata.name"),
+        field_env("FERRY_POD_NAMESPACE", "metadata.namespace"),
+        field_env("FERRY_POD_IP", "status.podIP"),
+        env("FERRY_LOG", &cfg.log_level),
+        env("OTEL_SERVICE_NAME", &service_name(pod)),
+    ];
+    if let Some(e) = &cfg.otlp_endpoint {
+        envs.push(env("OTEL_EXPORTER_OTLP_ENDPOINT", e));
+        envs.push(env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"));
+    }
+    Container {
+        name: PROXY.into(),
+        image: Some(cfg.image.clone()),
+        image_pull_policy: Some(cfg.image_pull_policy.clone()),
+        args: Some(vec![
+            "proxy".into(),
+            "--annotations".into(),
+            "/etc/ferry/annotations".into(),
+        ]),
+        env: Some(envs),
+        ports: Some(vec![ContainerPort {
+            name: Some("ferry-admin".into()),
+            container_port: 15000,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity(cpu)),
+                ("memory".into(), Quantity(memory.clone())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), Quantity(memory))])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(cfg.proxy_uid),
+            run_as_group: Some(cfg.proxy_uid),
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: PODINFO.into(),
+            mount_path: "/etc/ferry".into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        startup_probe: Some(http_probe("/ready", 60)),
+        readiness_probe: Some(http_probe("/ready", 3)),
+        liveness_probe: Some(http_probe("/live", 10)),
+        restart_policy: (mode == SidecarMode::Native).then(|| "Always".into()),
+        ..Default::default()
+    }
+}
+
+fn list(v: &[impl ToString]) -> String {
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn init_container(ann: &PodAnnotations, cfg: &Config) -> Container {
+    let mut args: Vec<String> = [
+        "init",
+        "--outbound-port",
+        "15001",
+        "--inbound-port",
+        "15006",
+        "--admin-port",
+        "15000",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(["--proxy-uid".into(), cfg.proxy_uid.to_string()]);
+    let r = &ann.redirect;
+    if !r.skip_outbound_ports.is_empty() {
+        args.extend(["--skip-outbound-ports".into(), list(&r.skip_outbound_ports)]);
+    }
+    if !r.skip_inbound_ports.is_empty() {
+        args.extend(["--skip-inbound-ports".into(), list(&r.skip_inbound_ports)]);
+    }
+    if !r.skip_outbound_cidrs.is_empty() {
+        args.extend(["--skip-outbound-cidrs".into(), list(&r.skip_outbound_cidrs)]);
+    }
+    Container {
+        name: INIT.into(),
+        image: Some(cfg.image.clone()),
+        image_pull_policy: Some(cfg.image_pull_policy.clone()),
+        args: Some(args),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity("10m".into())),
+                ("memory".into(), Quantity("16Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), Quantity("64Mi".into()))])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The JSON patch that turns `before` into `after`.
+pub fn patch(before: &Pod, after: &Pod) -> json_patch::Patch {
+    let b = serde_json::to_value(before).expect("a pod serialises");
+    let a = serde_json::to_value(after).expect("a pod serialises");
+    json_patch::diff(&b, &a)
+}
