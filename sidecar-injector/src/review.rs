@@ -48,7 +48,7 @@ pub fn review(
     let req: AdmissionRequest<DynamicObject> =
         review.try_into().map_err(|_| BadReview::NoRequest)?;
     let resp = AdmissionResponse::from(&req);
-    if req.kind.kind != "Pod" || req.kind.group != "" {
+    if req.kind.kind != "Pod" || !req.kind.group.is_empty() {
         return Ok((resp.into_review(), Verdict::NotAPod));
     }
     let Some(obj) = &req.object else {
