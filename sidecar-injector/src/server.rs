@@ -64,6 +64,7 @@ pub fn app(cfg: Config) -> Router {
     };
     Router::new()
         .route("/mutate", post(mutate))
+        .route("/mutate/namespace-enabled", post(mutate_enabled))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -71,8 +72,17 @@ pub fn app(cfg: Config) -> Router {
         .with_state(state)
 }
 
-async fn mutate(State(s): State<AppState>, Query(q): Query<MutateQuery>, body: Bytes) -> Response {
-    match review(&body, q.namespace_enabled, &s.cfg) {
+/// Called by the webhook whose namespaceSelector matched `ferry.dev/inject=enabled`.
+async fn mutate_enabled(state: State<AppState>, body: Bytes) -> Response {
+    answer(state, true, body)
+}
+
+async fn mutate(state: State<AppState>, Query(q): Query<MutateQuery>, body: Bytes) -> Response {
+    answer(state, q.namespace_enabled, body)
+}
+
+fn answer(State(s): State<AppState>, namespace_enabled: bool, body: Bytes) -> Response {
+    match review(&body, namespace_enabled, &s.cfg) {
         Ok((r, verdict)) => {
             s.reviews
                 .get_or_create(&ResultLabel {

@@ -20,6 +20,20 @@ pub struct DemoArgs {
     /// Exit after the sample calls instead of serving until Ctrl-C.
     #[arg(long)]
     once: bool,
+    /// Run one demo upstream only (`http` or `grpc`), as the demo app in deploy/ does.
+    #[arg(long, value_parser = ["http", "grpc"])]
+    serve: Option<String>,
+    /// The upstream's name in its answers.
+    #[arg(long, default_value = "demo")]
+    name: String,
+    /// Where the upstream listens.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    listen: SocketAddr,
+    /// Call this Echo service (host:port) repeatedly and print who answered.
+    #[arg(long)]
+    call: Option<String>,
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    every: Duration,
 }
 
 async fn upstream() -> anyhow::Result<(TcpListener, SocketAddr)> {
@@ -37,6 +51,21 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    if let Some(kind) = &args.serve {
+        let l = TcpListener::bind(args.listen).await?;
+        println!(
+            "ferry demo: {kind} upstream {} on {}",
+            args.name,
+            l.local_addr()?
+        );
+        return match kind.as_str() {
+            "http" => Ok(ferry_demo::serve_http(args.name.clone(), l).await?),
+            _ => ferry_demo::serve_grpc(args.name.clone(), l).await,
+        };
+    }
+    if let Some(target) = &args.call {
+        return call_forever(target, args.every).await;
+    }
     let mut http = Vec::new();
     let mut grpc = Vec::new();
     for name in ["http-a", "http-b"] {
@@ -110,4 +139,22 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let r = proxy.await?;
     let _ = std::fs::remove_file(&path);
     r
+}
+
+/// The demo client: one Echo call per tick, through whatever ferry sidecar is in front.
+async fn call_forever(target: &str, every: Duration) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(every);
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let addr = tokio::net::lookup_host(target)
+            .await?
+            .next()
+            .context("no address")?;
+        match ferry_demo::grpc_say(addr, &format!("call {n}")).await {
+            Ok(reply) => println!("{reply}"),
+            Err(e) => println!("call {n} failed: {e:#}"),
+        }
+    }
 }
