@@ -18,7 +18,10 @@ async fn the_admin_api_survives_fuzzing_from_its_openapi_document() {
         &[],
         &[],
     );
-    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/../admin/openapi.yaml");
+    let schema = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../crates/admin/openapi.yaml"
+    );
     let url = format!("http://{}", ferry.addr("admin"));
     let run = tokio::task::spawn_blocking(move || {
         Command::new("schemathesis")
