@@ -69,17 +69,9 @@ impl Namespaces {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: std::future::Future<Output = T>,
     {
-        let path = format!("/var/run/netns/{}", self.0[ns]);
-        std::thread::spawn(move || {
-            enter(&path);
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(f())
-        })
-        .join()
-        .expect("namespace thread panicked")
+        self.thread(ns, f)
+            .join()
+            .expect("namespace thread panicked")
     }
 
     /// Starts `f` on a thread inside namespace `ns` and leaves it running.
@@ -87,6 +79,15 @@ impl Namespaces {
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()>,
+    {
+        self.thread(ns, f);
+    }
+
+    fn thread<T, F, Fut>(&self, ns: usize, f: F) -> std::thread::JoinHandle<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
     {
         let path = format!("/var/run/netns/{}", self.0[ns]);
         std::thread::spawn(move || {
@@ -96,7 +97,7 @@ impl Namespaces {
                 .build()
                 .unwrap()
                 .block_on(f())
-        });
+        })
     }
 }
 

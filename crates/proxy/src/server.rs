@@ -1,6 +1,8 @@
 //! Listeners, per-connection protocol handling, and graceful drain.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -197,14 +199,7 @@ async fn serve_conn(
                 .keep_alive(true)
                 .serve_connection(io, svc)
                 .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r?,
-                _ = drained(&mut drain) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await?;
-                }
-            }
+            until_done(conn, &mut drain, |c| c.graceful_shutdown()).await?;
         }
         Protocol::Http2 => {
             let io = TokioIo::new(Prefixed::new(prefix, stream));
@@ -214,17 +209,30 @@ async fn serve_conn(
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
                 .adaptive_window(true)
                 .serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r?,
-                _ = drained(&mut drain) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await?;
-                }
-            }
+            until_done(conn, &mut drain, |c| c.graceful_shutdown()).await?;
         }
     }
     Ok(())
+}
+
+/// Runs an HTTP connection to its end; once draining starts, asks it to finish
+/// gracefully (HTTP/1: after the request in flight; HTTP/2: GOAWAY) and waits.
+async fn until_done<C>(
+    conn: C,
+    drain: &mut Drain,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drained(drain) => {
+            shutdown(conn.as_mut());
+            conn.await
+        }
+    }
 }
 
 /// Where an opaque connection goes: the service's balancer, or the destination itself.
