@@ -171,8 +171,10 @@ enum HashTable {
 
 /// Virtual nodes per endpoint on the ring; enough for an even spread of a few dozen.
 const RING_REPLICAS: u32 = 160;
-/// Maglev lookup table size: a prime much larger than any endpoint count.
-const MAGLEV_SIZE: usize = 65_537;
+/// Maglev lookup table size: a prime far above the endpoint counts of a service. It must
+/// not change with the endpoint set, or every key would move; 16,381 slots (64 KiB) keep
+/// the spread even up to about 150 endpoints and a rebuild on a policy swap cheap.
+const MAGLEV_SIZE: usize = 16_381;
 
 impl EndpointSet {
     pub fn new(endpoints: Vec<Arc<Endpoint>>, lb: Lb) -> Self {
@@ -289,7 +291,8 @@ fn build_ring(endpoints: &[Arc<Endpoint>]) -> Vec<(u64, u32)> {
 /// Maglev's table population (Eisenbud et al., NSDI 2016): each endpoint walks its
 /// own permutation of slots and takes the next free one, in turns.
 fn build_maglev(endpoints: &[Arc<Endpoint>]) -> Vec<u32> {
-    let m = MAGLEV_SIZE as u64;
+    let size = MAGLEV_SIZE;
+    let m = size as u64;
     let perms: Vec<(u64, u64)> = endpoints
         .iter()
         .map(|e| {
@@ -300,7 +303,7 @@ fn build_maglev(endpoints: &[Arc<Endpoint>]) -> Vec<u32> {
         })
         .collect();
     let mut next = vec![0u64; endpoints.len()];
-    let mut table = vec![u32::MAX; MAGLEV_SIZE];
+    let mut table = vec![u32::MAX; size];
     let mut filled = 0;
     'fill: loop {
         for (i, (offset, skip)) in perms.iter().enumerate() {
@@ -312,7 +315,7 @@ fn build_maglev(endpoints: &[Arc<Endpoint>]) -> Vec<u32> {
             table[c as usize] = i as u32;
             next[i] += 1;
             filled += 1;
-            if filled == MAGLEV_SIZE {
+            if filled == size {
                 break 'fill;
             }
         }
