@@ -208,7 +208,10 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
         (h1, h2, grpc)
     });
     assert_eq!(h1.0, 200);
-    assert!(h1.1.contains("\"host\""), "{}", h1.1);
+    let seen: std::collections::BTreeMap<String, String> = serde_json::from_str(&h1.1).unwrap();
+    // The sidecar was on the path: it started a trace and named the request.
+    assert!(seen["traceparent"].starts_with("00-"), "{seen:?}");
+    assert!(seen.contains_key("x-request-id"), "{seen:?}");
     assert_eq!(h2, (200, "hello from peer-http\n".to_string()));
     assert_eq!(grpc, "through the mesh (from peer-grpc)");
 
