@@ -113,6 +113,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         log_json: false,
         admin_token_file: None,
         watch_interval: Duration::from_secs(1),
+        dns_refresh: Duration::from_secs(5),
     };
     let proxy = tokio::spawn(async move { run(proxy_args, None, Some(&announce)).await });
 

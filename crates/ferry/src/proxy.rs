@@ -40,6 +40,9 @@ pub struct ProxyArgs {
     /// File holding the bearer token that lets non-loopback callers change things.
     #[arg(long, env = "FERRY_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// How often services named by `dns:` are resolved again.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub dns_refresh: Duration,
     /// How often the policy and annotations files are checked for changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub watch_interval: Duration,
@@ -185,7 +188,7 @@ pub async fn run(
     tracer.register_metrics(&mut registry);
     let shared = Shared::with_tracer(
         file.clone(),
-        Arc::new(DefaultDiscover::default()),
+        Arc::new(DefaultDiscover::new(args.dns_refresh)),
         metrics,
         tracer,
     )
