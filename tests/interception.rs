@@ -120,7 +120,7 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
     let bin = bin.display().to_string();
     std::fs::write(
         dir.path().join("policy.yaml"),
-        "admin: 0.0.0.0:15000\nlisteners:\n  - {name: outbound, bind: \"0.0.0.0:15001\", transparent: outbound}\n  - {name: inbound, bind: \"0.0.0.0:15006\", transparent: inbound}\n",
+        "admin: 0.0.0.0:15000\nopaque-ports: [7000]\nlisteners:\n  - {name: outbound, bind: \"0.0.0.0:15001\", transparent: outbound}\n  - {name: inbound, bind: \"0.0.0.0:15006\", transparent: inbound}\n",
     )
     .unwrap();
 
@@ -249,6 +249,19 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
     });
     assert_eq!(tcp, b"opaque bytes \x00\x01\x02 end");
 
+    // Port 7000 is in opaque-ports: even bytes that look like HTTP are not parsed.
+    let raw_http = ns.run(0, || async {
+        let mut s = TcpStream::connect(addr(PEER, 7000)).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await.unwrap();
+        back
+    });
+    assert_eq!(raw_http, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+
     // A server that speaks first gets through without waiting for the client.
     let banner = ns.run(0, || async {
         let mut s = TcpStream::connect(addr(PEER, 2525)).await.unwrap();
@@ -273,7 +286,7 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
     );
     assert_eq!(
         conns(&after, "outbound", "opaque"),
-        conns(&before, "outbound", "opaque") + 2,
+        conns(&before, "outbound", "opaque") + 3,
         "{after}"
     );
     assert!(after.contains(&format!("ferry_requests_total{{service=\"{PEER}:8080\",endpoint=\"{PEER}:8080\",status=\"200\"}}")), "{after}");
