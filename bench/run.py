@@ -216,14 +216,18 @@ def main():
         if a.swap_storm:
             swap_storm(a, procs["ferry"].pid)
     finally:
-        for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(procs, tmp)
+
+
+def stop(procs, tmp):
+    for p in procs.values():
+        p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def swap_storm(a, ferry_pid):
@@ -304,14 +308,7 @@ def tracing_figure(a):
                 lines = [l for l in m.read().decode().splitlines() if l.startswith("ferry_trace_spans_")]
             print(f"{name}: " + ", ".join(lines))
     finally:
-        for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop(procs, tmp)
 
 
 if __name__ == "__main__":

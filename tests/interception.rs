@@ -52,6 +52,16 @@ async fn h2_get(to: SocketAddr, path: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Sends `bytes`, closes the sending half, and reads until the peer closes.
+async fn tcp_round_trip(to: SocketAddr, bytes: &'static [u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    back
+}
+
 #[test]
 fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
     if !is_root() {
@@ -239,28 +249,17 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
     );
 
     // Raw TCP with a half-close: the client stops sending, still reads everything back.
-    let tcp = ns.run(0, || async {
-        let mut s = TcpStream::connect(addr(PEER, 7000)).await.unwrap();
-        s.write_all(b"opaque bytes \x00\x01\x02 end").await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).await.unwrap();
-        back
-    });
-    assert_eq!(tcp, b"opaque bytes \x00\x01\x02 end");
-
+    let sent: &[u8] = b"opaque bytes \x00\x01\x02 end";
+    assert_eq!(
+        ns.run(0, move || tcp_round_trip(addr(PEER, 7000), sent)),
+        sent
+    );
     // Port 7000 is in opaque-ports: even bytes that look like HTTP are not parsed.
-    let raw_http = ns.run(0, || async {
-        let mut s = TcpStream::connect(addr(PEER, 7000)).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        s.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).await.unwrap();
-        back
-    });
-    assert_eq!(raw_http, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let sent: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_eq!(
+        ns.run(0, move || tcp_round_trip(addr(PEER, 7000), sent)),
+        sent
+    );
 
     // A server that speaks first gets through without waiting for the client.
     let banner = ns.run(0, || async {
