@@ -33,6 +33,21 @@ async fn client(addr: SocketAddr) -> EchoClient<tonic::transport::Channel> {
     EchoClient::connect(format!("http://{addr}")).await.unwrap()
 }
 
+/// Parses a `grpc-timeout` value (`<digits><unit>`, unit one of H M S m u n).
+fn grpc_timeout(v: &str) -> Duration {
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("bad grpc-timeout {v}"));
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => panic!("bad grpc-timeout unit in {v}"),
+    }
+}
+
 fn req(message: &str) -> EchoRequest {
     EchoRequest {
         message: message.into(),
@@ -164,13 +179,10 @@ async fn deadlines_and_missing_endpoints_are_grpc_statuses() {
         .to_str()
         .unwrap()
         .to_string();
-    let micros: u64 = seen
-        .trim_end_matches('u')
-        .parse()
-        .unwrap_or_else(|_| panic!("{seen}"));
+    let left = grpc_timeout(&seen);
     assert!(
-        micros <= 150_000 && micros > 50_000,
-        "upstream saw grpc-timeout {seen}"
+        left < Duration::from_millis(150) && left > Duration::ZERO,
+        "the upstream saw grpc-timeout {seen}, not what was left of 150ms"
     );
 
     let mut e = client(f.addr("empty")).await;

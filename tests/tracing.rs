@@ -357,3 +357,41 @@ async fn a_dead_collector_fails_no_request_and_drops_are_counted() {
         a.metrics().await
     );
 }
+
+#[tokio::test]
+async fn spans_still_queued_are_exported_before_the_sidecar_exits() {
+    let c = Collector::start();
+    let app = HttpUpstream::start("app").await.unwrap();
+    let policy = format!(
+        "admin: 127.0.0.1:0\nlisteners: [{{name: out, bind: \"127.0.0.1:0\", service: app}}]\nservices: {{app: {{endpoints: [\"{}\"]}}}}\n",
+        app.addr
+    );
+    let mut a = with_env(
+        &policy,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", c.grpc)),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+            ("OTEL_SERVICE_NAME", "app-a".into()),
+        ],
+    );
+    let trace = format!("{}dd", &TRACE[..30]);
+    headers_seen(
+        a.addr("out"),
+        &[("traceparent", &format!("00-{trace}-{CALLER_SPAN}-01"))],
+    )
+    .await;
+    // Straight away, well inside the exporter's one-second batching window.
+    a.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || a.child.wait().map(|s| (s, a)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.0.success());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            c.trace(&trace).len() == 1
+        })
+        .await,
+        "the span queued at shutdown was lost"
+    );
+}

@@ -141,24 +141,25 @@ pub async fn grpc_say(addr: SocketAddr, message: &str) -> anyhow::Result<String>
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn says_and_streams() {
+    /// The listener is bound before this returns, so clients may connect at once.
+    async fn start(name: &str) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        tokio::spawn(serve_grpc("g".into(), l));
-        let mut tries = 0;
-        let reply = loop {
-            match grpc_say(addr, "hi").await {
-                Ok(r) => break r,
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("{e:#}"),
-            }
-        };
-        assert_eq!(reply, "hi (from g)");
+        tokio::spawn(serve_grpc(name.into(), l));
+        addr
+    }
+
+    fn req(message: &str) -> EchoRequest {
+        EchoRequest {
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn says_and_streams() {
+        let addr = start("g").await;
+        assert_eq!(grpc_say(addr, "hi").await.unwrap(), "hi (from g)");
         let mut c = EchoClient::connect(format!("http://{addr}")).await.unwrap();
         let replies: Vec<_> = c
             .expand(EchoRequest {
@@ -185,5 +186,38 @@ mod tests {
             (err.code(), err.message()),
             (Code::PermissionDenied, "failed as asked: no")
         );
+    }
+
+    #[tokio::test]
+    async fn collects_chats_and_echoes_the_deadline() {
+        let addr = start("h").await;
+        let mut c = EchoClient::connect(format!("http://{addr}")).await.unwrap();
+        let joined = c
+            .collect(futures::stream::iter(["a", "b", "c"].map(req)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (joined.message.as_str(), joined.server.as_str()),
+            ("a b c", "h")
+        );
+
+        let chat: Vec<_> = c
+            .chat(futures::stream::iter(["x", "y"].map(req)))
+            .await
+            .unwrap()
+            .into_inner()
+            .map(|r| r.unwrap().message)
+            .collect()
+            .await;
+        assert_eq!(chat, ["x", "y"]);
+
+        let mut r = Request::new(req("t"));
+        r.set_timeout(Duration::from_secs(3));
+        let resp = c.say(r).await.unwrap();
+        let seen = resp.metadata().get("x-received-grpc-timeout").unwrap();
+        assert!(!seen.is_empty());
+        let resp = c.say(req("no deadline")).await.unwrap();
+        assert!(resp.metadata().get("x-received-grpc-timeout").is_none());
     }
 }

@@ -1,4 +1,8 @@
 //! The HTTP upstream: HTTP/1.1 keep-alive and h2c, a handful of routes for tests.
+//!
+//! `GET /` says hello with the upstream's name; `/delay[/...]?ms=N` answers after N ms;
+//! `/status/<code>` answers that status; `POST /echo` returns the body; `/headers` returns
+//! the request headers as a JSON object. Every answer carries `x-upstream: <name>`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -65,7 +69,8 @@ async fn handle(
     let query = req.uri().query().unwrap_or("").to_string();
     let (status, body) = match path.as_str() {
         "/" => (StatusCode::OK, Bytes::from(format!("hello from {name}\n"))),
-        "/delay" => {
+        // Any path under /delay, so route-level policy can be tested on slow paths.
+        p if p == "/delay" || p.starts_with("/delay/") => {
             let ms = query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("ms="))
@@ -142,5 +147,53 @@ mod tests {
         let headers: BTreeMap<String, String> =
             serde_json::from_str(&http_get(up.addr, "/headers").await.unwrap()).unwrap();
         assert_eq!(headers["host"], up.addr.to_string());
+        assert_eq!(
+            http_get(up.addr, "/delay/x?ms=10").await.unwrap(),
+            "hello from a after 10ms\n"
+        );
+        assert!(http_get(up.addr, "/nowhere").await.is_err());
+    }
+
+    /// Keep-alive HTTP/1.1: POST bodies come back intact, every answer is labelled.
+    #[tokio::test]
+    async fn echoes_bodies_on_one_connection() {
+        let up = HttpUpstream::start("b").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(up.addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for n in [0usize, 1, 100_000] {
+            let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            tx.ready().await.unwrap();
+            let req = Request::post("/echo")
+                .header(http::header::HOST, "b")
+                .body(Full::new(Bytes::from(body.clone())))
+                .unwrap();
+            let resp = tx.send_request(req).await.unwrap();
+            assert_eq!(resp.headers()["x-upstream"], "b");
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), body);
+        }
+        assert_eq!(up.hits(), 3);
+    }
+
+    #[tokio::test]
+    async fn speaks_h2c_with_prior_knowledge() {
+        let up = HttpUpstream::start("c").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(up.addr).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://c/")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(
+            resp.into_body().collect().await.unwrap().to_bytes(),
+            "hello from c\n"
+        );
     }
 }

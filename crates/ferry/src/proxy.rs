@@ -265,6 +265,7 @@ pub async fn run(
     ));
 
     let clean = proxy.serve(drain_rx).await;
+    shared.tracer.flush(Duration::from_secs(3)).await;
     if clean {
         tracing::info!("drained; exiting");
     } else {

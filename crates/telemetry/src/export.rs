@@ -20,15 +20,29 @@ pub struct Counters {
     pub dropped: Counter,
 }
 
+enum Msg {
+    Span(Box<SpanData>),
+    /// Export what is queued now and say when done.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 pub struct Queue {
-    tx: mpsc::Sender<SpanData>,
+    tx: mpsc::Sender<Msg>,
     pub counters: Counters,
 }
 
 impl Queue {
     pub fn push(&self, span: SpanData) {
-        if self.tx.try_send(span).is_err() {
+        if self.tx.try_send(Msg::Span(Box::new(span))).is_err() {
             self.counters.dropped.inc();
+        }
+    }
+
+    /// Exports everything queued before this call, waiting at most `within`.
+    pub async fn flush(&self, within: Duration) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send_timeout(Msg::Flush(tx), within).await.is_ok() {
+            let _ = tokio::time::timeout(within, rx).await;
         }
     }
 }
@@ -56,36 +70,45 @@ pub fn start(resource: Resource) -> anyhow::Result<Queue> {
             .build()?
     };
     exporter.set_resource(&resource);
-    let (tx, mut rx) = mpsc::channel::<SpanData>(QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Msg>(QUEUE);
     let counters = Counters::default();
     let c = counters.clone();
     tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(BATCH);
+        let mut batch: Vec<SpanData> = Vec::with_capacity(BATCH);
         loop {
-            let first = rx.recv().await;
-            let Some(first) = first else { break };
-            batch.push(first);
+            let Some(first) = rx.recv().await else { break };
+            let mut flushed = None;
+            match first {
+                Msg::Span(s) => batch.push(*s),
+                Msg::Flush(done) => flushed = Some(done),
+            }
             let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
-            while batch.len() < BATCH {
+            while flushed.is_none() && batch.len() < BATCH {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(s)) => batch.push(s),
+                    Ok(Some(Msg::Span(s))) => batch.push(*s),
+                    Ok(Some(Msg::Flush(done))) => flushed = Some(done),
                     _ => break,
                 }
             }
-            let n = batch.len() as u64;
-            let spans = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-            match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await {
-                Ok(Ok(())) => {
-                    c.exported.inc_by(n);
+            if !batch.is_empty() {
+                let n = batch.len() as u64;
+                let spans = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await {
+                    Ok(Ok(())) => {
+                        c.exported.inc_by(n);
+                    }
+                    Ok(Err(error)) => {
+                        c.dropped.inc_by(n);
+                        tracing::debug!(%error, spans = n, "span export failed; spans dropped");
+                    }
+                    Err(_) => {
+                        c.dropped.inc_by(n);
+                        tracing::debug!(spans = n, "span export timed out; spans dropped");
+                    }
                 }
-                Ok(Err(error)) => {
-                    c.dropped.inc_by(n);
-                    tracing::debug!(%error, spans = n, "span export failed; spans dropped");
-                }
-                Err(_) => {
-                    c.dropped.inc_by(n);
-                    tracing::debug!(spans = n, "span export timed out; spans dropped");
-                }
+            }
+            if let Some(done) = flushed {
+                let _ = done.send(());
             }
         }
         let _ = exporter.shutdown();

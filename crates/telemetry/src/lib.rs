@@ -150,6 +150,13 @@ impl Tracer {
         })))
     }
 
+    /// Exports the spans still queued, waiting at most `within` (on drain, before exit).
+    pub async fn flush(&self, within: std::time::Duration) {
+        if let Some(q) = &self.0.queue {
+            q.flush(within).await;
+        }
+    }
+
     pub fn is_exporting(&self) -> bool {
         self.0.queue.is_some()
     }
