@@ -331,3 +331,37 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
     ]);
     assert!(!rules.contains("FERRY"), "{rules}");
 }
+
+/// Without a policy file ferry runs as a pod's sidecar: transparent listeners on both
+/// address families beside each other, annotations from the downward-API file.
+#[test]
+fn pod_mode_listens_on_ipv4_and_ipv6_side_by_side() {
+    if !is_root() {
+        eprintln!("skipped: needs root for a network namespace (CI runs as root)");
+        return;
+    }
+    let ns = Namespaces::new("ferry-pod", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let ann = dir.path().join("annotations");
+    std::fs::write(&ann, "ferry.dev/lb=\"round-robin\"\n").unwrap();
+    let ann = ann.display().to_string();
+    let ferry = Ferry::run(
+        dir,
+        env!("CARGO_BIN_EXE_ferry"),
+        &["proxy", "--annotations", &ann],
+        &["ip", "netns", "exec", ns.name(0)],
+    );
+    for (name, addr) in [
+        ("outbound", "0.0.0.0:15001"),
+        ("inbound", "0.0.0.0:15006"),
+        ("outbound-v6", "[::]:15001"),
+        ("inbound-v6", "[::]:15006"),
+    ] {
+        assert_eq!(ferry.addr(name), addr.parse().unwrap(), "{name}");
+    }
+    let lb = ns.run(0, || async {
+        let (_, p) = support::call(addr("127.0.0.1", 15000), "GET", "/policy", "").await;
+        p["policy"]["defaults"]["lb"].clone()
+    });
+    assert_eq!(lb, "round-robin");
+}

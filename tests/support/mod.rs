@@ -71,11 +71,17 @@ impl Ferry {
     }
 
     pub fn start_bin(dir: tempfile::TempDir, bin: &str, extra: &[&str], prefix: &[&str]) -> Ferry {
+        let config = dir.path().join("policy.yaml").display().to_string();
+        let mut args = vec!["proxy", "--config", &config];
+        args.extend_from_slice(extra);
+        Self::run(dir, bin, &args, prefix)
+    }
+
+    /// Runs `prefix.. bin args..` and waits for `ferry: ready`.
+    pub fn run(dir: tempfile::TempDir, bin: &str, args: &[&str], prefix: &[&str]) -> Ferry {
         let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
         argv.push(bin.to_string());
-        argv.extend(["proxy", "--config"].map(String::from));
-        argv.push(dir.path().join("policy.yaml").display().to_string());
-        argv.extend(extra.iter().map(|s| s.to_string()));
+        argv.extend(args.iter().map(|s| s.to_string()));
         let mut cmd = Command::new(&argv[0]);
         CHILD_ENV.with(|e| {
             for (k, v) in e.borrow().iter() {
