@@ -81,10 +81,7 @@ impl HttpProxy {
                 {
                     return Some(s.clone());
                 }
-                let svc = match rt.by_addr(dst) {
-                    Some(s) => s.clone(),
-                    None => rt.passthrough(dst, &self.shared.metrics),
-                };
+                let svc = rt.dst_service(dst, &self.shared.metrics);
                 self.conn.cached.store(Some(svc.clone()));
                 Some(svc)
             }
@@ -150,9 +147,17 @@ impl HttpProxy {
         };
         drop(set);
 
-        if let Err(e) = set_upstream_uri(&mut req, &ep.authority) {
-            tracing::debug!(error = %e, "bad request uri");
-            return self.fail(&svc, ProxyError::UpstreamReset, grpc, span);
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        match upstream_uri(&ep.authority, pq.clone()) {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(e) => {
+                tracing::debug!(error = %e, "bad request uri");
+                return self.fail(&svc, ProxyError::UpstreamReset, grpc, span);
+            }
         }
         if let Some(d) = deadline
             && grpc
@@ -165,11 +170,6 @@ impl HttpProxy {
         // Retrying needs the request again; only a bodiless one can be rebuilt.
         let retry_parts = (settings.retries > 0 && http_body::Body::is_end_stream(req.body()))
             .then(|| {
-                let pq = req
-                    .uri()
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
                 (
                     req.method().clone(),
                     req.headers().clone(),
@@ -261,12 +261,7 @@ impl HttpProxy {
                     *r.method_mut() = method.clone();
                     *r.headers_mut() = headers.clone();
                     *r.version_mut() = *version;
-                    *r.uri_mut() = Uri::builder()
-                        .scheme(Scheme::HTTP)
-                        .authority(next.authority.clone())
-                        .path_and_query(pq.clone())
-                        .build()
-                        .unwrap_or_default();
+                    *r.uri_mut() = upstream_uri(&next.authority, pq.clone()).unwrap_or_default();
                     ep = next;
                     req = Some(r);
                 }
@@ -403,9 +398,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
         }
     }
     for name in &HOP_BY_HOP {
-        if h.contains_key(name) {
-            h.remove(name);
-        }
+        h.remove(name);
     }
     if request
         && let Some(te) = h.get(header::TE)
@@ -415,22 +408,13 @@ fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
     }
 }
 
-/// Points the request at the endpoint, keeping its path and query.
-fn set_upstream_uri(
-    req: &mut Request<Incoming>,
-    authority: &http::uri::Authority,
-) -> Result<(), http::Error> {
-    let pq = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::builder()
+/// The request's path and query, sent to `authority`.
+fn upstream_uri(authority: &http::uri::Authority, pq: PathAndQuery) -> Result<Uri, http::Error> {
+    Uri::builder()
         .scheme(Scheme::HTTP)
         .authority(authority.clone())
         .path_and_query(pq)
-        .build()?;
-    Ok(())
+        .build()
 }
 
 #[cfg(test)]

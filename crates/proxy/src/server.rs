@@ -17,6 +17,7 @@ use crate::http::{ConnCtx, HttpProxy, Target};
 use crate::metrics::ConnLabels;
 use crate::state::Shared;
 use crate::tcp;
+use prometheus_client::metrics::counter::Counter;
 
 /// Largest request head accepted; larger gets 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -24,10 +25,27 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Tells connections to finish: flip to `true` once.
 pub type Drain = watch::Receiver<bool>;
 
-struct Bound {
+/// A listener's identity, shared by its connections (one refcount each).
+struct ListenerInfo {
     index: usize,
     name: Arc<str>,
     kind: ListenerKind,
+    /// `ferry_tcp_connections_total` for this listener, by protocol, resolved at bind.
+    conns: [Counter; 3],
+}
+
+impl ListenerInfo {
+    fn counter(&self, p: Protocol) -> &Counter {
+        &self.conns[match p {
+            Protocol::Http1 => 0,
+            Protocol::Http2 => 1,
+            Protocol::Opaque => 2,
+        }]
+    }
+}
+
+struct Bound {
+    info: Arc<ListenerInfo>,
     listener: TcpListener,
 }
 
@@ -46,12 +64,23 @@ impl Proxy {
             let listener = bind(l.bind)
                 .await
                 .map_err(|e| anyhow::anyhow!("listener {} cannot bind {}: {e}", l.name, l.bind))?;
-            listeners.push(Bound {
+            let conns = [Protocol::Http1, Protocol::Http2, Protocol::Opaque].map(|p| {
+                shared
+                    .metrics
+                    .connections
+                    .get_or_create(&ConnLabels {
+                        listener: l.name.clone(),
+                        protocol: p.as_str(),
+                    })
+                    .clone()
+            });
+            let info = Arc::new(ListenerInfo {
                 index,
                 name: Arc::from(l.name.as_str()),
                 kind: l.kind.clone(),
-                listener,
+                conns,
             });
+            listeners.push(Bound { info, listener });
         }
         Ok(Proxy { shared, listeners })
     }
@@ -60,7 +89,7 @@ impl Proxy {
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .filter_map(|b| Some((b.name.to_string(), b.listener.local_addr().ok()?)))
+            .filter_map(|b| Some((b.info.name.to_string(), b.listener.local_addr().ok()?)))
             .collect()
     }
 
@@ -118,16 +147,16 @@ async fn accept_loop(b: Bound, shared: Arc<Shared>, mut drain: Drain, tracker: T
             Ok((stream, peer)) => {
                 let shared = shared.clone();
                 let drain = drain.clone();
-                let (name, kind) = (b.name.clone(), b.kind.clone());
+                let info = b.info.clone();
                 tracker.spawn(async move {
-                    if let Err(error) = serve_conn(stream, peer, b.index, &name, &kind, shared, drain).await {
-                        tracing::debug!(listener = %name, %peer, %error, "connection ended with an error");
+                    if let Err(error) = serve_conn(stream, peer, &info, shared, drain).await {
+                        tracing::debug!(listener = %info.name, %peer, %error, "connection ended with an error");
                     }
                 });
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(listener = %b.name, %error, "accept failed");
+                tracing::warn!(listener = %b.info.name, %error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -137,53 +166,51 @@ async fn accept_loop(b: Bound, shared: Arc<Shared>, mut drain: Drain, tracker: T
 async fn serve_conn(
     mut stream: TcpStream,
     peer: SocketAddr,
-    index: usize,
-    listener: &Arc<str>,
-    kind: &ListenerKind,
+    listener: &ListenerInfo,
     shared: Arc<Shared>,
     mut drain: Drain,
 ) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
-    let (detect_window, header_timeout, opaque_ports) = {
-        let rt = shared.load();
-        let p: &Policy = &rt.policy;
-        (
-            p.detect_timeout(),
-            p.header_read_timeout(),
-            p.opaque_ports.clone().unwrap_or_default(),
-        )
-    };
-    let (target, opaque) = match kind {
-        ListenerKind::Service { opaque, .. } => (Target::Listener(index), *opaque),
+    // The original destination port, for transparent listeners.
+    let (target, listener_opaque, dst_port) = match &listener.kind {
+        ListenerKind::Service { opaque, .. } => (Target::Listener(listener.index), *opaque, None),
         ListenerKind::Outbound => {
             let dst = tcp::original_dst(&stream)?;
             if dst == stream.local_addr()? {
                 anyhow::bail!("connection made to the outbound listener itself; refusing to loop");
             }
-            (Target::Dst(dst), opaque_ports.contains(&dst.port()))
+            (Target::Dst(dst), false, Some(dst.port()))
         }
         ListenerKind::Inbound => {
             let dst = tcp::original_dst(&stream)?;
             let app = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dst.port());
-            (Target::Dst(app), opaque_ports.contains(&dst.port()))
+            (Target::Dst(app), false, Some(dst.port()))
         }
+    };
+    let (detect_window, header_timeout, opaque) = {
+        let rt = shared.load();
+        let p: &Policy = &rt.policy;
+        let opaque_port = dst_port.is_some_and(|port| {
+            p.opaque_ports
+                .as_deref()
+                .unwrap_or_default()
+                .contains(&port)
+        });
+        (
+            p.detect_timeout(),
+            p.header_read_timeout(),
+            listener_opaque || opaque_port,
+        )
     };
     let (proto, prefix) = if opaque {
         (Protocol::Opaque, bytes::BytesMut::new())
     } else {
         detect(&mut stream, detect_window).await?
     };
-    shared
-        .metrics
-        .connections
-        .get_or_create(&ConnLabels {
-            listener: listener.to_string(),
-            protocol: proto.as_str(),
-        })
-        .inc();
+    listener.counter(proto).inc();
 
     let inbound = matches!(
-        kind,
+        listener.kind,
         ListenerKind::Inbound | ListenerKind::Service { inbound: true, .. }
     );
     let ctx = Arc::new(ConnCtx::new(peer, target, inbound));
@@ -243,10 +270,7 @@ fn opaque_dst(shared: &Arc<Shared>, ctx: &ConnCtx) -> anyhow::Result<(SocketAddr
     let rt = shared.load();
     let svc = match ctx.target {
         Target::Listener(i) => rt.listener_service(i).cloned(),
-        Target::Dst(dst) => Some(match rt.by_addr(dst) {
-            Some(s) => s.clone(),
-            None => rt.passthrough(dst, &shared.metrics),
-        }),
+        Target::Dst(dst) => Some(rt.dst_service(dst, &shared.metrics)),
     };
     let svc = svc.ok_or_else(|| anyhow::anyhow!("no service for this listener"))?;
     let set = svc.endpoints();

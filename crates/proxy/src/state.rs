@@ -173,8 +173,13 @@ impl Runtime {
         self.services.values()
     }
 
-    pub fn by_addr(&self, dst: SocketAddr) -> Option<&Arc<ServiceRt>> {
-        self.by_addr.get(&dst)
+    /// The service a transparent connection's destination means: the one that claims the
+    /// address, else the destination itself.
+    pub fn dst_service(&self, dst: SocketAddr, metrics: &Metrics) -> Arc<ServiceRt> {
+        match self.by_addr.get(&dst) {
+            Some(s) => s.clone(),
+            None => self.passthrough(dst, metrics),
+        }
     }
 
     /// A service for a destination no service claims: forwarded to itself.
