@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod kube;
 pub mod netns;
 
 use std::collections::HashMap;
