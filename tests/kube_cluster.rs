@@ -107,27 +107,3 @@ async fn endpointslices_follow_pods() {
     )
     .await;
 }
-
-#[test]
-fn scratch_netns() {
-    let ns = support::netns::Namespaces::new("ferry-kube", 1);
-    let cluster = Cluster::start(Some(ns.name(0)));
-    let kc = cluster.kubeconfig_path().to_path_buf();
-    let url = cluster.url().to_string();
-    let n = cluster.block_on(move || async move {
-        let c = support::kube::client_for(&kc).await;
-        create_namespace(&c, "x").await;
-        create_node(&c, "n1", Some("z"), None).await;
-        let _ = url;
-        let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(c);
-        api.list(&Default::default()).await.unwrap().items.len()
-    });
-    eprintln!("namespaces: {n}");
-    // host loopback must not reach it
-    assert!(std::net::TcpStream::connect(cluster.url().trim_start_matches("https://")).is_err());
-    let out = std::process::Command::new("ip").args(["netns", "exec", ns.name(0), "ss", "-ltnp"]).output().unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    eprintln!("{}", cluster.log_tails(60));
-    drop(cluster);
-}

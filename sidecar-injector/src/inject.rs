@@ -31,6 +31,8 @@ pub struct Config {
     pub proxy_memory: String,
     /// Where sidecars send spans (`OTEL_EXPORTER_OTLP_ENDPOINT`), if anywhere.
     pub otlp_endpoint: Option<String>,
+    /// The discovery controller sidecars ask for Service endpoints (`FERRY_CONTROLLER`).
+    pub controller: Option<String>,
     pub log_level: String,
 }
 
@@ -49,6 +51,7 @@ impl Default for Config {
             proxy_cpu: "100m".into(),
             proxy_memory: "64Mi".into(),
             otlp_endpoint: None,
+            controller: None,
             log_level: "info".into(),
         }
     }
@@ -229,9 +232,14 @@ fn proxy_container(pod: &Pod, ann: &PodAnnotations, mode: SidecarMode, cfg: &Con
         field_env("FERRY_POD_NAME", "metadata.name"),
         field_env("FERRY_POD_NAMESPACE", "metadata.namespace"),
         field_env("FERRY_POD_IP", "status.podIP"),
+        // The node tells the controller where the caller is (locality).
+        field_env("FERRY_NODE_NAME", "spec.nodeName"),
         env("FERRY_LOG", &cfg.log_level),
         env("OTEL_SERVICE_NAME", &service_name(pod)),
     ];
+    if let Some(c) = &cfg.controller {
+        envs.push(env("FERRY_CONTROLLER", c));
+    }
     if let Some(e) = &cfg.otlp_endpoint {
         envs.push(env("OTEL_EXPORTER_OTLP_ENDPOINT", e));
         envs.push(env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"));

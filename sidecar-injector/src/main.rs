@@ -45,6 +45,9 @@ struct Settings {
     /// Where injected sidecars export spans.
     #[arg(long, env = "FERRY_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// The discovery controller's gRPC URL, given to injected sidecars.
+    #[arg(long, env = "FERRY_CONTROLLER")]
+    controller: Option<String>,
     #[arg(long, env = "FERRY_PROXY_LOG", default_value = "info")]
     proxy_log_level: String,
 }
@@ -79,6 +82,7 @@ impl Settings {
             proxy_cpu: self.proxy_cpu,
             proxy_memory: self.proxy_memory,
             otlp_endpoint: self.otlp_endpoint,
+            controller: self.controller.filter(|c| !c.is_empty()),
             log_level: self.proxy_log_level,
         })
     }

@@ -116,7 +116,7 @@ impl Cluster {
         )
         .unwrap();
         // Ports are free on the host loopback; a fresh namespace's loopback has none taken.
-        let (etcd_client, etcd_peer, api) = (free_port(), free_port(), free_port());
+        let [etcd_client, etcd_peer, api] = free_ports();
         let url = format!("https://127.0.0.1:{api}");
         // The API server writes its self-signed certificate (and CA) there at start.
         let ca = base.join("certs/apiserver.crt");
@@ -345,9 +345,10 @@ fn openssl(args: &[&str]) {
     );
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+/// `N` distinct ports, all held until all are picked.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let ls = [(); N].map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    ls.map(|l| l.local_addr().unwrap().port())
 }
 
 fn enter_netns(name: &str) {
@@ -448,9 +449,13 @@ pub async fn create_node(
     api.create(&PostParams::default(), &node)
         .await
         .unwrap_or_else(|e| panic!("create node {name}: {e}"));
-    let status = json!({"status": {"conditions": [
-        {"type": "Ready", "status": "True", "reason": "KubeletReady"},
-    ]}});
+    // Allocatable CPU lets the controller's topology hints (topology-mode: Auto) weigh zones.
+    let resources = json!({"cpu": "4", "memory": "8Gi", "pods": "110"});
+    let status = json!({"status": {
+        "capacity": resources,
+        "allocatable": resources,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+    }});
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .unwrap_or_else(|e| panic!("node {name} status: {e}"))

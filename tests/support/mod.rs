@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod controller;
 pub mod kube;
 pub mod netns;
 

@@ -187,11 +187,13 @@ async fn rollback(
 }
 
 async fn endpoints(State(s): State<AdminState>) -> Response {
-    let rt = s.control.shared().load_full();
+    let shared = s.control.shared();
+    let rt = shared.load_full();
     let mut services = serde_json::Map::new();
-    let mut all: Vec<_> = rt.services().cloned().collect();
-    all.sort_by(|a, b| a.name.cmp(&b.name));
-    for svc in all {
+    let mut all: Vec<_> = rt.services().map(|s| (s.clone(), "policy")).collect();
+    all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    all.extend(shared.discovered().into_iter().map(|s| (s, "discovery")));
+    for (svc, source) in all {
         let set = svc.endpoint_set();
         let eps: Vec<Json> = set
             .endpoints
@@ -208,7 +210,7 @@ async fn endpoints(State(s): State<AdminState>) -> Response {
             .collect();
         services.insert(
             svc.name.to_string(),
-            json!({"lb": set.lb().as_str(), "endpoints": eps}),
+            json!({"lb": set.lb().as_str(), "source": source, "endpoints": eps}),
         );
     }
     json_ok(json!({"version": rt.version, "services": services}))

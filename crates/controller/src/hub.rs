@@ -83,8 +83,15 @@ impl Hub {
         let ix = &mut *self.index.lock().expect("index poisoned");
         f(ix, &mut t);
         let (svcs, slices, nodes) = ix.counts();
-        for (kind, n) in [("service", svcs), ("endpointslice", slices), ("node", nodes)] {
-            self.metrics.objects.get_or_create(&vec![("kind", kind)]).set(n as i64);
+        for (kind, n) in [
+            ("service", svcs),
+            ("endpointslice", slices),
+            ("node", nodes),
+        ] {
+            self.metrics
+                .objects
+                .get_or_create(&vec![("kind", kind)])
+                .set(n as i64);
         }
         if t.all || !t.services.is_empty() {
             self.recompute(ix, &t);
@@ -97,8 +104,9 @@ impl Hub {
         self.metrics.subscriptions.set(subs.len() as i64);
         for ((dest, node), sub) in subs.iter_mut() {
             let now = ix.service_of(dest);
-            let stale =
-                t.all || now != sub.last || sub.last.as_ref().is_some_and(|k| t.services.contains(k));
+            let stale = t.all
+                || now != sub.last
+                || sub.last.as_ref().is_some_and(|k| t.services.contains(k));
             if !stale {
                 continue;
             }

@@ -47,9 +47,9 @@ impl Dest {
         if let Ok(a) = s.parse::<SocketAddr>() {
             return Ok(Dest::Addr(a));
         }
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?} has no port (expected name.namespace:port or ip:port)"))?;
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| {
+            format!("{s:?} has no port (expected name.namespace:port or ip:port)")
+        })?;
         let port: u16 = port
             .parse()
             .map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
@@ -564,22 +564,22 @@ mod tests {
             ),
             endpoints: Some(
                 eps.iter()
-                .map(|(ip, ready, terminating, node)| Endpoint {
-                    addresses: vec![ip.to_string()],
-                    conditions: Some(EndpointConditions {
-                        ready: Some(*ready),
-                        serving: Some(*ready || *terminating),
-                        terminating: Some(*terminating),
-                    }),
-                    node_name: Some(node.to_string()),
-                    target_ref: Some(ObjectReference {
-                        kind: Some("Pod".into()),
-                        name: Some(format!("pod-{ip}")),
+                    .map(|(ip, ready, terminating, node)| Endpoint {
+                        addresses: vec![ip.to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(*ready),
+                            serving: Some(*ready || *terminating),
+                            terminating: Some(*terminating),
+                        }),
+                        node_name: Some(node.to_string()),
+                        target_ref: Some(ObjectReference {
+                            kind: Some("Pod".into()),
+                            name: Some(format!("pod-{ip}")),
+                            ..Default::default()
+                        }),
                         ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .collect(),
+                    })
+                    .collect(),
             ),
         }
     }
@@ -671,7 +671,10 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [("10.0.0.1", 8080, false, true), ("10.0.0.2", 8080, true, false)]
+            [
+                ("10.0.0.1", 8080, false, true),
+                ("10.0.0.2", 8080, true, false)
+            ]
         );
         let loc = r.endpoints[1].locality.clone().unwrap();
         assert_eq!((loc.zone.as_str(), loc.region.as_str()), ("a", "r1"));

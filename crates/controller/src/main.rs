@@ -23,7 +23,11 @@ struct Args {
     #[arg(long, env = "FERRY_CONTROLLER_ADDR", default_value = "0.0.0.0:8086")]
     addr: SocketAddr,
     /// Probes and metrics: /live, /ready, /metrics.
-    #[arg(long, env = "FERRY_CONTROLLER_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
+    #[arg(
+        long,
+        env = "FERRY_CONTROLLER_ADMIN_ADDR",
+        default_value = "0.0.0.0:9990"
+    )]
     admin_addr: SocketAddr,
     /// The cluster's DNS domain, for names such as echo.shop.svc.cluster.local.
     #[arg(long, env = "FERRY_CLUSTER_DOMAIN", default_value = "cluster.local")]

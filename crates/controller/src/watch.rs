@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use kube::api::PartialObjectMeta;
 use kube::{Api, Client};
 
 use crate::hub::Hub;

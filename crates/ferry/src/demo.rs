@@ -114,6 +114,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         admin_token_file: None,
         watch_interval: Duration::from_secs(1),
         dns_refresh: Duration::from_secs(5),
+        controller: None,
+        node_name: String::new(),
+        discovery_idle: Duration::from_secs(300),
     };
     let proxy = tokio::spawn(async move { run(proxy_args, None, Some(&announce)).await });
 

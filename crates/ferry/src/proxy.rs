@@ -11,7 +11,7 @@ use anyhow::Context;
 use ferry_admin::{AdminState, Control};
 use ferry_policy::annotations::{PodAnnotations, parse_downward_api};
 use ferry_policy::{Errors, FieldError, Policy};
-use ferry_proxy::{DefaultDiscover, Metrics, Proxy, Shared};
+use ferry_proxy::{ControllerDiscover, DefaultDiscover, Discover, Metrics, Proxy, Shared};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -43,6 +43,16 @@ pub struct ProxyArgs {
     /// How often services named by `dns:` are resolved again.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub dns_refresh: Duration,
+    /// The discovery controller (`http://ferry-controller.ferry-system:8086`): transparent
+    /// destinations that are Kubernetes Services are balanced over their endpoints.
+    #[arg(long, env = "FERRY_CONTROLLER")]
+    pub controller: Option<String>,
+    /// This pod's node, sent to the controller for locality (downward API spec.nodeName).
+    #[arg(long, env = "FERRY_NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// A destination no new connection asked for in this long is unsubscribed.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub discovery_idle: Duration,
     /// How often the policy and annotations files are checked for changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub watch_interval: Duration,
@@ -186,13 +196,14 @@ pub async fn run(
     let tracer =
         ferry_telemetry::Tracer::from_env("ferry").context("tracing setup (OTEL_* variables)")?;
     tracer.register_metrics(&mut registry);
-    let shared = Shared::with_tracer(
-        file.clone(),
-        Arc::new(DefaultDiscover::new(args.dns_refresh)),
-        metrics,
-        tracer,
-    )
-    .map_err(|e| anyhow::anyhow!("the policy is not valid:\n{e}"))?;
+    let base = DefaultDiscover::new(args.dns_refresh);
+    let discover: Arc<dyn Discover> = match args.controller.as_deref().filter(|c| !c.is_empty()) {
+        Some(url) => Arc::new(ControllerDiscover::new(base, url, &args.node_name)?),
+        None => Arc::new(base),
+    };
+    let shared = Shared::with_tracer(file.clone(), discover, metrics, tracer)
+        .map_err(|e| anyhow::anyhow!("the policy is not valid:\n{e}"))?;
+    tokio::spawn(shared.clone().forget_idle(args.discovery_idle));
     let control = Control::new(shared.clone(), file.clone(), sources.origin());
 
     let proxy = Proxy::bind(shared.clone()).await?;

@@ -1,5 +1,6 @@
-//! Endpoint sources behind one trait: static lists and DNS today; Kubernetes
-//! EndpointSlices plug in behind the same [`Discover`].
+//! Endpoint sources behind one trait: static lists and DNS for policy services, and
+//! for transparent destinations no policy service claims, what the discovery controller
+//! says of them (Kubernetes Services, see [`crate::controller`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,9 +13,40 @@ use tokio::sync::watch;
 /// The current addresses of a service; a new value is sent on every change.
 pub type EndpointWatch = watch::Receiver<Arc<[SocketAddr]>>;
 
+/// What discovery knows of a transparent destination.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    /// False: not a service discovery knows of (a pod IP, a headless Service, outside
+    /// the cluster); calls go where they were going. `reason` says why.
+    pub found: bool,
+    pub reason: String,
+    /// The service's name in policy, metrics, spans and `/endpoints` (`echo.shop`).
+    pub name: Arc<str>,
+    /// The upstream speaks HTTP/2 without TLS (appProtocol `kubernetes.io/h2c`, `grpc`).
+    pub h2: bool,
+    /// What to balance over: the ready endpoints, else those still serving while they
+    /// terminate (as kube-proxy does), so a rollout's last pod is not dropped early.
+    pub addrs: Arc<[SocketAddr]>,
+}
+
+/// A destination's resolution: `None` until the first answer; afterwards the last
+/// answer stays while the source is unreachable.
+pub type DstWatch = watch::Receiver<Option<Arc<Resolved>>>;
+
 /// Turns a service's endpoint spec into a live view of its addresses.
 pub trait Discover: Send + Sync + 'static {
     fn watch(&self, spec: &Endpoints) -> EndpointWatch;
+
+    /// Starts following a transparent destination no policy service claims; `None`
+    /// when this source does not resolve destinations (everything passes through).
+    fn resolve(&self, _dst: SocketAddr) -> Option<DstWatch> {
+        None
+    }
+
+    /// Whether a first answer is worth waiting for now (the source is reachable).
+    fn reachable(&self) -> bool {
+        false
+    }
 }
 
 /// Static lists as written, and DNS names re-resolved every `dns_refresh`.

@@ -71,27 +71,32 @@ impl HttpProxy {
         HttpProxy { shared, conn }
     }
 
-    fn service(&self) -> Option<Arc<ServiceRt>> {
-        let rt = self.shared.load();
-        match self.conn.target {
-            Target::Listener(i) => rt.listener_service(i).cloned(),
-            Target::Dst(dst) => {
-                if let Some(s) = &*self.conn.cached.load()
-                    && s.version == rt.version
-                {
-                    return Some(s.clone());
+    async fn service(&self) -> Option<Arc<ServiceRt>> {
+        let dst = {
+            let rt = self.shared.load();
+            match self.conn.target {
+                Target::Listener(i) => return rt.listener_service(i).cloned(),
+                Target::Dst(dst) => {
+                    if let Some(s) = &*self.conn.cached.load()
+                        && s.version == rt.version
+                    {
+                        return Some(s.clone());
+                    }
+                    dst
                 }
-                let svc = rt.dst_service(dst, &self.shared.metrics);
-                self.conn.cached.store(Some(svc.clone()));
-                Some(svc)
             }
-        }
+        };
+        // Once per connection and policy version: may wait for discovery's first answer.
+        let rt = self.shared.load_full();
+        let svc = self.shared.dst_service(&rt, dst).await;
+        self.conn.cached.store(Some(svc.clone()));
+        Some(svc)
     }
 
     async fn proxy(self, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
-        let Some(svc) = self.service() else {
+        let Some(svc) = self.service().await else {
             return ProxyError::UnknownService.to_response(grpc);
         };
         let settings = svc.settings_for(req.uri().path());
@@ -166,6 +171,11 @@ impl HttpProxy {
                 req.headers_mut(),
                 d.saturating_duration_since(Instant::now()),
             );
+        }
+        // The upstream declared h2c (appProtocol): HTTP/1 requests go as HTTP/2 over the
+        // pooled multiplexed connection. Upgrades need HTTP/1.1 and stay as they are.
+        if svc.h2 && client_upgrade.is_none() && req.version() != Version::HTTP_2 {
+            *req.version_mut() = Version::HTTP_2;
         }
         // Retrying needs the request again; only a bodiless one can be rebuilt.
         let retry_parts = (settings.retries > 0 && http_body::Body::is_end_stream(req.body()))

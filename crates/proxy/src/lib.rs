@@ -8,6 +8,7 @@
 
 pub mod balance;
 pub mod body;
+pub mod controller;
 pub mod detect;
 pub mod discovery;
 pub mod errors;
@@ -17,6 +18,7 @@ mod server;
 pub mod state;
 pub mod tcp;
 
+pub use controller::ControllerDiscover;
 pub use discovery::{DefaultDiscover, Discover};
 pub use errors::ProxyError;
 pub use metrics::Metrics;

@@ -36,6 +36,11 @@ pub struct ConnLabels {
     pub protocol: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 /// Every metric the proxy records, registered once.
 #[derive(Clone, Default)]
 pub struct Metrics {
@@ -44,6 +49,7 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub connections: Family<ConnLabels, Counter>,
     pub policy_reloads: Counter,
+    pub passthrough: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -68,6 +74,19 @@ impl Metrics {
             "Connections accepted, by listener and detected protocol",
             self.connections.clone(),
         );
+        registry.register(
+            "ferry_discovery_passthrough",
+            "Connections sent to their original destination because discovery did not know it \
+             (not-a-service: a pod IP, headless Service, outside the cluster; \
+             discovery-unavailable: no answer from the controller)",
+            self.passthrough.clone(),
+        );
+    }
+
+    pub fn passthrough(&self, reason: &'static str) {
+        self.passthrough
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn error(&self, service: &str, reason: &'static str) {

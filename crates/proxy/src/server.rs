@@ -216,7 +216,7 @@ async fn serve_conn(
     let ctx = Arc::new(ConnCtx::new(peer, target, inbound));
     match proto {
         Protocol::Opaque => {
-            let (dst, connect_timeout) = opaque_dst(&shared, &ctx)?;
+            let (dst, connect_timeout) = opaque_dst(&shared, &ctx).await?;
             tcp::forward(stream, prefix, dst, connect_timeout).await?;
         }
         Protocol::Http1 => {
@@ -266,11 +266,11 @@ where
 }
 
 /// Where an opaque connection goes: the service's balancer, or the destination itself.
-fn opaque_dst(shared: &Arc<Shared>, ctx: &ConnCtx) -> anyhow::Result<(SocketAddr, Duration)> {
-    let rt = shared.load();
+async fn opaque_dst(shared: &Arc<Shared>, ctx: &ConnCtx) -> anyhow::Result<(SocketAddr, Duration)> {
+    let rt = shared.load_full();
     let svc = match ctx.target {
         Target::Listener(i) => rt.listener_service(i).cloned(),
-        Target::Dst(dst) => Some(rt.dst_service(dst, &shared.metrics)),
+        Target::Dst(dst) => Some(shared.dst_service(&rt, dst).await),
     };
     let svc = svc.ok_or_else(|| anyhow::anyhow!("no service for this listener"))?;
     let set = svc.endpoints();

@@ -14,8 +14,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use tokio_util::sync::{CancellationToken, DropGuard};
+
 use crate::balance::{Endpoint, EndpointSet};
-use crate::discovery::{Discover, EndpointWatch};
+use crate::discovery::{Discover, DstWatch, Resolved};
 use crate::metrics::{AtomicHistogram, Metrics, ServiceLabels, StatusCounters};
 
 /// How long an idle pooled connection is kept. Below the 10 s header-read timeout that
@@ -93,6 +95,10 @@ pub struct ServiceRt {
     pub clients: Clients,
     pub duration: AtomicHistogram,
     pub retry_budget: Arc<RetryBudget>,
+    /// Send HTTP/1 requests upstream as HTTP/2 (the upstream declared h2c).
+    pub h2: bool,
+    /// Stops the task that follows discovery once the service is dropped.
+    _follow: Option<DropGuard>,
 }
 
 impl ServiceRt {
@@ -173,15 +179,6 @@ impl Runtime {
         self.services.values()
     }
 
-    /// The service a transparent connection's destination means: the one that claims the
-    /// address, else the destination itself.
-    pub fn dst_service(&self, dst: SocketAddr, metrics: &Metrics) -> Arc<ServiceRt> {
-        match self.by_addr.get(&dst) {
-            Some(s) => s.clone(),
-            None => self.passthrough(dst, metrics),
-        }
-    }
-
     /// A service for a destination no service claims: forwarded to itself.
     pub fn passthrough(&self, dst: SocketAddr, metrics: &Metrics) -> Arc<ServiceRt> {
         let mut map = self.passthrough.lock().expect("passthrough map poisoned");
@@ -201,9 +198,25 @@ impl Runtime {
                     routes: Vec::new(),
                     clients: self.default_clients.clone(),
                     retry_budget: Arc::new(RetryBudget::new()),
+                    h2: false,
+                    _follow: None,
                 })
             })
             .clone()
+    }
+
+    /// Clients for `settings`: the previous version's if the connect timeout is the
+    /// same (pooled connections survive a policy swap), else the default ones, else new.
+    fn clients_for(&self, prev: Option<&ServiceRt>, settings: &Settings) -> Clients {
+        clients_for(prev, &self.default_clients, settings)
+    }
+}
+
+fn clients_for(prev: Option<&ServiceRt>, default: &Clients, settings: &Settings) -> Clients {
+    match prev {
+        Some(p) if p.clients.connect_timeout == settings.connect_timeout => p.clients.clone(),
+        _ if default.connect_timeout == settings.connect_timeout => default.clone(),
+        _ => Clients::new(settings.connect_timeout),
     }
 }
 
@@ -216,11 +229,27 @@ fn duration_for(name: &str, metrics: &Metrics) -> AtomicHistogram {
         .clone()
 }
 
+/// How long a new destination waits for discovery's first answer before it is passed
+/// through; only while the discovery source is reachable.
+const RESOLVE_WAIT: Duration = Duration::from_secs(2);
+
+/// A transparent destination that discovery follows.
+struct DstEntry {
+    sub: DstWatch,
+    /// Built from the answer `from`, for one policy version.
+    svc: Option<(Arc<ServiceRt>, Arc<Resolved>)>,
+    last_used: std::time::Instant,
+    logged: bool,
+}
+
 /// The proxy's shared state: the current runtime behind `arc-swap`, and what builds it.
 pub struct Shared {
     store: ArcSwap<Runtime>,
     pub metrics: Metrics,
     discover: Arc<dyn Discover>,
+    /// Destinations resolved through discovery, kept across policy versions; taken once
+    /// per new connection (connections cache their service), never per request.
+    dst: Mutex<HashMap<SocketAddr, DstEntry>>,
     /// Serialises policy swaps (never taken by requests).
     apply_lock: Mutex<()>,
     ready: AtomicBool,
@@ -262,6 +291,7 @@ impl Shared {
                 store: ArcSwap::from_pointee(rt),
                 metrics,
                 discover,
+                dst: Mutex::default(),
                 apply_lock: Mutex::new(()),
                 ready: AtomicBool::new(false),
                 listener_kinds,
@@ -301,6 +331,154 @@ impl Shared {
         Ok(version)
     }
 
+    /// The service a transparent connection's destination means: a policy service that
+    /// claims the address, else what discovery says (a Kubernetes Service balanced over
+    /// its endpoints), else the destination itself.
+    pub async fn dst_service(self: &Arc<Self>, rt: &Runtime, dst: SocketAddr) -> Arc<ServiceRt> {
+        if let Some(s) = rt.by_addr.get(&dst) {
+            return s.clone();
+        }
+        let sub = {
+            let mut map = self.dst.lock().expect("dst map poisoned");
+            let entry = match map.entry(dst) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => match self.discover.resolve(dst) {
+                    Some(sub) => v.insert(DstEntry {
+                        sub,
+                        svc: None,
+                        last_used: std::time::Instant::now(),
+                        logged: false,
+                    }),
+                    None => return rt.passthrough(dst, &self.metrics),
+                },
+            };
+            entry.last_used = std::time::Instant::now();
+            if let (Some((svc, from)), Some(now)) = (&entry.svc, &*entry.sub.borrow())
+                && svc.version == rt.version
+                && Arc::ptr_eq(from, now)
+            {
+                return svc.clone();
+            }
+            entry.sub.clone()
+        };
+        if sub.borrow().is_none() && self.discover.reachable() {
+            let mut first = sub.clone();
+            let _ = tokio::time::timeout(RESOLVE_WAIT, first.wait_for(Option::is_some)).await;
+        }
+        let answer = sub.borrow().clone();
+        let mut map = self.dst.lock().expect("dst map poisoned");
+        let Some(entry) = map.get_mut(&dst) else {
+            return rt.passthrough(dst, &self.metrics);
+        };
+        match answer {
+            Some(r) if r.found => {
+                if let Some((svc, from)) = &entry.svc
+                    && svc.version == rt.version
+                    && Arc::ptr_eq(from, &r)
+                {
+                    return svc.clone();
+                }
+                let prev = entry.svc.as_ref().map(|(s, _)| &**s);
+                let svc = self.discovered_service(rt, &r, prev, sub);
+                entry.svc = Some((svc.clone(), r));
+                svc
+            }
+            answer => {
+                let reason = if answer.is_some() {
+                    "not-a-service"
+                } else {
+                    "discovery-unavailable"
+                };
+                if !std::mem::replace(&mut entry.logged, true) {
+                    match &answer {
+                        Some(r) => {
+                            tracing::info!(%dst, reason = %r.reason, "passing through: not a service")
+                        }
+                        None => tracing::warn!(%dst, "passing through: no answer from discovery"),
+                    }
+                }
+                entry.svc = None;
+                self.metrics.passthrough(reason);
+                rt.passthrough(dst, &self.metrics)
+            }
+        }
+    }
+
+    /// A discovered service under `rt`'s policy: a policy service of the same name gives
+    /// its settings and routes (`echo.shop: {lb: round-robin}`); endpoint state, pooled
+    /// connections and the retry budget carry over from `prev`.
+    fn discovered_service(
+        self: &Arc<Self>,
+        rt: &Runtime,
+        r: &Resolved,
+        prev: Option<&ServiceRt>,
+        sub: DstWatch,
+    ) -> Arc<ServiceRt> {
+        let settings = rt.policy.service_settings(&r.name);
+        let routes = rt
+            .policy
+            .services
+            .get(&*r.name)
+            .map(|spec| {
+                spec.routes
+                    .iter()
+                    .map(|x| (x.matcher.clone(), x.overrides.apply(&settings)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let old_eps = prev
+            .filter(|p| p.name == r.name)
+            .map(|p| p.endpoints().endpoints.clone())
+            .unwrap_or_default();
+        let eps = reuse_endpoints(&r.name, &r.addrs, &old_eps, &self.metrics);
+        let token = CancellationToken::new();
+        let svc = Arc::new(ServiceRt {
+            clients: rt.clients_for(prev, &settings),
+            retry_budget: prev
+                .map(|p| p.retry_budget.clone())
+                .unwrap_or_else(|| Arc::new(RetryBudget::new())),
+            duration: duration_for(&r.name, &self.metrics),
+            name: r.name.clone(),
+            version: rt.version,
+            endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb)),
+            settings,
+            routes,
+            h2: r.h2,
+            _follow: Some(token.clone().drop_guard()),
+        });
+        follow(
+            Arc::downgrade(&svc),
+            sub,
+            |r| r.as_ref().filter(|r| r.found).map(|r| r.addrs.clone()),
+            token,
+            Arc::downgrade(self),
+        );
+        svc
+    }
+
+    /// The services discovery resolved, as built for their last use.
+    pub fn discovered(&self) -> Vec<Arc<ServiceRt>> {
+        let map = self.dst.lock().expect("dst map poisoned");
+        let mut v: Vec<_> = map
+            .values()
+            .filter_map(|e| e.svc.as_ref().map(|(s, _)| s.clone()))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        v
+    }
+
+    /// Forgets destinations no new connection asked for in `idle`, every `idle`/4:
+    /// their subscriptions end once the connections still using them close.
+    pub async fn forget_idle(self: Arc<Self>, idle: Duration) {
+        loop {
+            tokio::time::sleep(idle / 4).await;
+            let now = std::time::Instant::now();
+            let mut map = self.dst.lock().expect("dst map poisoned");
+            map.retain(|_, e| now.duration_since(e.last_used) < idle);
+        }
+    }
+
     /// Ready once listeners serve; not ready again once draining starts.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
@@ -336,14 +514,8 @@ fn compile(
             .iter()
             .map(|r| (r.matcher.clone(), r.overrides.apply(&settings)))
             .collect();
-        let prev = old.and_then(|o| o.services.get(name));
-        let clients = match prev {
-            Some(p) if p.clients.connect_timeout == settings.connect_timeout => p.clients.clone(),
-            _ if default_clients.connect_timeout == settings.connect_timeout => {
-                default_clients.clone()
-            }
-            _ => Clients::new(settings.connect_timeout),
-        };
+        let prev = old.and_then(|o| o.services.get(name)).map(|p| &**p);
+        let clients = clients_for(prev, &default_clients, &settings);
         let name_arc: Arc<str> = Arc::from(name.as_str());
         let watch = spec.endpoints.as_ref().map(|e| discover.watch(e));
         let addrs: Vec<SocketAddr> = watch
@@ -357,6 +529,7 @@ fn compile(
         let retry_budget = prev
             .map(|p| p.retry_budget.clone())
             .unwrap_or_else(|| Arc::new(RetryBudget::new()));
+        let token = CancellationToken::new();
         let svc = Arc::new(ServiceRt {
             retry_budget,
             duration: duration_for(name, metrics),
@@ -366,9 +539,17 @@ fn compile(
             settings,
             routes,
             clients,
+            h2: false,
+            _follow: watch.is_some().then(|| token.clone().drop_guard()),
         });
         if let Some(w) = watch {
-            follow(Arc::downgrade(&svc), w, shared.clone());
+            follow(
+                Arc::downgrade(&svc),
+                w,
+                |a| Some(a.clone()),
+                token,
+                shared.clone(),
+            );
         }
         for a in spec.addresses.iter().flatten() {
             by_addr.insert(*a, svc.clone());
@@ -394,17 +575,30 @@ fn compile(
     }
 }
 
-/// Keeps a service's endpoints in step with discovery while the service is in use.
-fn follow(svc: Weak<ServiceRt>, mut watch: EndpointWatch, shared: Weak<Shared>) {
+/// Keeps a service's endpoints in step with discovery until the service is dropped
+/// (`stop`); `addrs` reads the addresses out of what the watch carries.
+fn follow<T: Send + Sync + 'static>(
+    svc: Weak<ServiceRt>,
+    mut watch: tokio::sync::watch::Receiver<T>,
+    addrs: fn(&T) -> Option<Arc<[SocketAddr]>>,
+    stop: CancellationToken,
+    shared: Weak<Shared>,
+) {
     if tokio::runtime::Handle::try_current().is_err() {
         return;
     }
     tokio::spawn(async move {
-        while watch.changed().await.is_ok() {
+        loop {
+            tokio::select! {
+                r = watch.changed() => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
             let (Some(svc), Some(shared)) = (svc.upgrade(), shared.upgrade()) else {
                 return;
             };
-            let addrs = watch.borrow_and_update().clone();
+            let Some(addrs) = addrs(&watch.borrow_and_update()) else {
+                continue;
+            };
             svc.set_addrs(&addrs, &shared.metrics);
         }
     });

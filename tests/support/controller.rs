@@ -1,0 +1,114 @@
+//! Runs the real `ferry-controller` binary against a test cluster.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `ferry-controller` binary beside the `ferry` one cargo built for these tests,
+/// built (once per test process) with the same profile: it belongs to another package
+/// of the workspace, so cargo does not build it for this package's tests by itself.
+pub fn controller_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let ferry = Path::new(env!("CARGO_BIN_EXE_ferry"));
+        let dir = ferry.parent().expect("the ferry binary has a folder");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "ferry-controller",
+            "--bin",
+            "ferry-controller",
+        ]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        // The same target folder as the tests', wherever that is.
+        if let Some(target) = dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target);
+        }
+        let status = cmd
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo build -p ferry-controller failed");
+        dir.join("ferry-controller")
+    })
+    .clone()
+}
+
+pub struct Controller {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Controller {
+    /// Starts `prefix.. ferry-controller` with `KUBECONFIG=kubeconfig` and `args`, and
+    /// returns once it listens (it serves answers once its watches have listed).
+    pub fn start(kubeconfig: &Path, args: &[&str], prefix: &[&str]) -> Controller {
+        let bin = controller_bin();
+        let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        argv.push(bin.display().to_string());
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("KUBECONFIG", kubeconfig)
+            .env(
+                "FERRY_LOG",
+                std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ferry-controller starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut grpc, mut admin) = (None, None);
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if let Some(a) = line.strip_prefix("ferry-controller: listening grpc ") {
+                grpc = a.parse().ok();
+            }
+            if let Some(a) = line.strip_prefix("ferry-controller: listening admin ") {
+                admin = a.parse().ok();
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Controller {
+            child,
+            grpc: grpc.expect("ferry-controller printed its gRPC address"),
+            admin: admin.expect("ferry-controller printed its admin address"),
+        }
+    }
+
+    /// Waits for `/ready` (every watch has listed), from the caller's namespace.
+    pub async fn wait_ready(&self, within: Duration) {
+        let end = Instant::now() + within;
+        loop {
+            if super::raw(self.admin, "GET", "/ready", "").await.0 == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "ferry-controller not ready within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
