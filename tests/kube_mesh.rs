@@ -99,7 +99,11 @@ impl Mesh {
     fn add_pod(&self, slot: usize) {
         self.kube(move |c| async move {
             let name = format!("pod-{slot}");
-            let node = if slot % 2 == 0 { "node-a" } else { "node-b" };
+            let node = if slot.is_multiple_of(2) {
+                "node-a"
+            } else {
+                "node-b"
+            };
             create_pod(&c, NS, &name, &[("app", "echo")], node, &[("grpc", 50051)]).await;
             set_pod_ready(&c, NS, &name, &slot_ip(slot), true).await;
         })

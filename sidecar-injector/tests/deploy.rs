@@ -50,6 +50,7 @@ fn the_manifests_render_and_every_object_validates() {
             "no {kind} rendered"
         );
     }
+    assert_only_the_controller_reads_the_api(&rendered);
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("rendered.yaml");
     std::fs::write(&f, &rendered).unwrap();
@@ -89,6 +90,73 @@ fn the_manifests_render_and_every_object_validates() {
         "{}{}",
         String::from_utf8_lossy(&v.stdout),
         String::from_utf8_lossy(&v.stderr)
+    );
+}
+
+/// The discovery controller holds the mesh's only API rights, read-only, on exactly
+/// what it watches; it runs 2 replicas behind a PDB with probes; sidecars are told
+/// where it is.
+fn assert_only_the_controller_reads_the_api(rendered: &str) {
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(rendered)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let of_kind = |k: &str| -> Vec<&serde_yaml::Value> {
+        docs.iter()
+            .filter(|d| d["kind"].as_str() == Some(k))
+            .collect()
+    };
+    let roles: Vec<_> = of_kind("ClusterRole")
+        .into_iter()
+        .chain(of_kind("Role"))
+        .collect();
+    assert_eq!(roles.len(), 1, "one role in the mesh: {roles:?}");
+    assert_eq!(
+        roles[0]["metadata"]["name"].as_str(),
+        Some("ferry-controller")
+    );
+    let mut granted = Vec::new();
+    for rule in roles[0]["rules"].as_sequence().unwrap() {
+        let verbs: Vec<&str> = rule["verbs"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(verbs, ["get", "list", "watch"], "{rule:?}");
+        for r in rule["resources"].as_sequence().unwrap() {
+            granted.push(r.as_str().unwrap().to_string());
+        }
+    }
+    granted.sort();
+    assert_eq!(granted, ["endpointslices", "nodes", "services"]);
+
+    let ctl = of_kind("Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some("ferry-controller"))
+        .expect("a ferry-controller Deployment");
+    assert_eq!(ctl["spec"]["replicas"].as_u64(), Some(2));
+    let c = &ctl["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/ready")
+    );
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/live")
+    );
+    assert!(
+        of_kind("PodDisruptionBudget")
+            .iter()
+            .any(|p| p["metadata"]["name"].as_str() == Some("ferry-controller")),
+        "no PDB for the controller"
+    );
+    let cm = of_kind("ConfigMap")
+        .into_iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some("ferry-injector"))
+        .unwrap();
+    assert_eq!(
+        cm["data"]["FERRY_CONTROLLER"].as_str(),
+        Some("http://ferry-controller.ferry-system:8086")
     );
 }
 
