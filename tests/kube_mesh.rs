@@ -435,10 +435,31 @@ fn a_sidecar_balances_calls_to_a_cluster_ip_over_the_services_pods() {
         "after the rollout only the new pods answer"
     );
 
-    // Controller down: known destinations keep their endpoints; nothing fails.
+    // A pod IP is no Service: the call goes where it was going.
+    let direct = |ip: String| {
+        mesh.ns.run(CLIENT, move || async move {
+            ferry_demo::grpc_say(format!("{ip}:50051").parse().unwrap(), "direct").await
+        })
+    };
+    assert_eq!(direct(slot_ip(4)).unwrap(), "direct (from pod-4)");
+
+    // Controller down: known destinations keep their endpoints; nothing fails, and a
+    // destination never seen passes through.
     controller.kill();
     let seen = mesh.in_client(|ch| async move { spread(&ch, 100).await });
     assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(direct(slot_ip(5)).unwrap(), "direct (from pod-5)");
+    let metrics = mesh.ns.run(CLIENT, move || async move {
+        raw(admin, "GET", "/metrics", "").await.1
+    });
+    for reason in ["not-a-service", "discovery-unavailable"] {
+        assert!(
+            metrics.contains(&format!(
+                "ferry_discovery_passthrough_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
     // Back again: the sidecar reconnects and follows changes again.
     let _controller = mesh.controller();
     let seen = mesh.in_client(|ch| async move { spread(&ch, 50).await });
