@@ -21,6 +21,8 @@ const POD: &str = "10.250.7.1";
 const PEER: &str = "10.250.7.2";
 /// A second peer address, in a range the pod skips with `--skip-outbound-cidrs`.
 const PEER_SKIPPED: &str = "10.250.8.2";
+const POD6: &str = "fd00:250:7::1";
+const PEER6: &str = "fd00:250:7::2";
 
 fn addr(ip: &str, port: u16) -> SocketAddr {
     format!("{ip}:{port}").parse().unwrap()
@@ -69,7 +71,21 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
         return;
     }
     let ns = Namespaces::new("ferry-ic", 2);
-    let (pod_if, _) = ns.link(0, &format!("{POD}/24"), 1, &format!("{PEER}/24"));
+    let (pod_if, peer_if) = ns.link(0, &format!("{POD}/24"), 1, &format!("{PEER}/24"));
+    // IPv6 too, without duplicate address detection's wait.
+    for (i, ifname, a) in [(0, &pod_if, POD6), (1, &peer_if, PEER6)] {
+        must(&[
+            "ip",
+            "-n",
+            ns.name(i),
+            "addr",
+            "add",
+            &format!("{a}/64"),
+            "dev",
+            ifname,
+            "nodad",
+        ]);
+    }
     must(&[
         "ip",
         "-n",
@@ -109,14 +125,38 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
         ));
         std::future::pending::<()>().await
     });
-    // The pod's own app, serving on 9090 for inbound calls.
+    // The pod's own apps: on every address (9090, both families), on the pod IP only
+    // (9092), and on loopback only (9091: a debug port meant to stay inside the pod).
     ns.spawn(0, || async {
-        ferry_demo::serve_http(
-            "pod-app".into(),
-            TcpListener::bind("0.0.0.0:9090").await.unwrap(),
-        )
-        .await
-        .unwrap();
+        for (bind, name) in [
+            ("0.0.0.0:9090".to_string(), "pod-app"),
+            ("[::]:9090".to_string(), "pod-app"),
+            (format!("{POD}:9092"), "pod-ip-app"),
+            (format!("[{POD6}]:9092"), "pod-ip-app"),
+            ("127.0.0.1:9091".to_string(), "pod-local"),
+            ("[::1]:9091".to_string(), "pod-local"),
+        ] {
+            let l = socket2::Socket::new(
+                if bind.starts_with('[') {
+                    socket2::Domain::IPV6
+                } else {
+                    socket2::Domain::IPV4
+                },
+                socket2::Type::STREAM,
+                None,
+            )
+            .unwrap();
+            if bind.starts_with('[') {
+                l.set_only_v6(true).unwrap();
+            }
+            l.set_reuse_address(true).unwrap();
+            l.bind(&bind.parse::<SocketAddr>().unwrap().into()).unwrap();
+            l.listen(64).unwrap();
+            l.set_nonblocking(true).unwrap();
+            let l = TcpListener::from_std(l.into()).unwrap();
+            tokio::spawn(ferry_demo::serve_http(name.into(), l));
+        }
+        std::future::pending::<()>().await
     });
 
     // A copy of the binary uid 1337 may run, and its policy.
@@ -130,7 +170,7 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
     let bin = bin.display().to_string();
     std::fs::write(
         dir.path().join("policy.yaml"),
-        "admin: 0.0.0.0:15000\nopaque-ports: [7000]\nlisteners:\n  - {name: outbound, bind: \"0.0.0.0:15001\", transparent: outbound}\n  - {name: inbound, bind: \"0.0.0.0:15006\", transparent: inbound}\n",
+        "admin: 0.0.0.0:15000\nopaque-ports: [7000]\nlisteners:\n  - {name: outbound, bind: \"0.0.0.0:15001\", transparent: outbound}\n  - {name: inbound, bind: \"0.0.0.0:15006\", transparent: inbound}\n  - {name: inbound-v6, bind: \"[::]:15006\", transparent: inbound}\n",
     )
     .unwrap();
 
@@ -315,6 +355,47 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
         conns(&after_in, "inbound", "http1"),
         conns(&after_skips, "inbound", "http1") + 1,
         "{after_in}"
+    );
+
+    // The sidecar reaches the app where the caller was going, the pod's own address: an
+    // app bound to it or to every address answers, one bound to loopback alone does not,
+    // exactly as without the mesh. Both families.
+    let calls = ns.run(1, || async {
+        let mut out = Vec::new();
+        for ip in [POD, POD6] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            for port in [9090, 9092, 9091] {
+                out.push((
+                    ip,
+                    port,
+                    raw(SocketAddr::new(ip, port), "GET", "/", "").await,
+                ));
+            }
+        }
+        out
+    });
+    for (ip, port, (status, body)) in calls {
+        match port {
+            9090 => assert_eq!(
+                (status, body.as_str()),
+                (200, "hello from pod-app\n"),
+                "{ip}"
+            ),
+            9092 => assert_eq!(
+                (status, body.as_str()),
+                (200, "hello from pod-ip-app\n"),
+                "{ip}"
+            ),
+            _ => assert!(
+                status != 200 && !body.contains("pod-local"),
+                "a loopback-only app answered a caller from the network through the sidecar at {ip}: {status} {body}"
+            ),
+        }
+    }
+    let after_v6 = metrics(&ns);
+    assert!(
+        conns(&after_v6, "inbound-v6", "http1") >= 3,
+        "IPv6 calls went through the IPv6 inbound listener: {after_v6}"
     );
 
     // Cleanup removes every rule and chain.

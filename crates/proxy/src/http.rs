@@ -38,6 +38,10 @@ pub enum Target {
     Listener(usize),
     /// A transparent connection's destination: a known service, else itself.
     Dst(SocketAddr),
+    /// An inbound connection: the app, at the address the caller dialled (the pod's
+    /// own IP), so an app listening on loopback only stays unreachable, as without
+    /// the mesh.
+    Inbound(SocketAddr),
 }
 
 pub struct ConnCtx {
@@ -72,23 +76,20 @@ impl HttpProxy {
     }
 
     async fn service(&self) -> Option<Arc<ServiceRt>> {
-        let dst = {
+        {
             let rt = self.shared.load();
-            match self.conn.target {
-                Target::Listener(i) => return rt.listener_service(i).cloned(),
-                Target::Dst(dst) => {
-                    if let Some(s) = &*self.conn.cached.load()
-                        && s.version == rt.version
-                    {
-                        return Some(s.clone());
-                    }
-                    dst
-                }
+            if let Target::Listener(i) = self.conn.target {
+                return rt.listener_service(i).cloned();
             }
-        };
+            if let Some(s) = &*self.conn.cached.load()
+                && s.version == rt.version
+            {
+                return Some(s.clone());
+            }
+        }
         // Once per connection and policy version: may wait for discovery's first answer.
         let rt = self.shared.load_full();
-        let svc = self.shared.dst_service(&rt, dst).await;
+        let svc = self.shared.resolve(&rt, self.conn.target).await?;
         self.conn.cached.store(Some(svc.clone()));
         Some(svc)
     }

@@ -183,8 +183,7 @@ async fn serve_conn(
         }
         ListenerKind::Inbound => {
             let dst = tcp::original_dst(&stream)?;
-            let app = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), dst.port());
-            (Target::Dst(app), false, Some(dst.port()))
+            (Target::Inbound(dst), false, Some(dst.port()))
         }
     };
     let (detect_window, header_timeout, opaque) = {
@@ -268,11 +267,10 @@ where
 /// Where an opaque connection goes: the service's balancer, or the destination itself.
 async fn opaque_dst(shared: &Arc<Shared>, ctx: &ConnCtx) -> anyhow::Result<(SocketAddr, Duration)> {
     let rt = shared.load_full();
-    let svc = match ctx.target {
-        Target::Listener(i) => rt.listener_service(i).cloned(),
-        Target::Dst(dst) => Some(shared.dst_service(&rt, dst).await),
-    };
-    let svc = svc.ok_or_else(|| anyhow::anyhow!("no service for this listener"))?;
+    let svc = shared
+        .resolve(&rt, ctx.target)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no service for this listener"))?;
     let set = svc.endpoints();
     let key = set
         .lb()

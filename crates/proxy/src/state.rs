@@ -331,6 +331,21 @@ impl Shared {
         Ok(version)
     }
 
+    /// Where a connection's requests go.
+    pub async fn resolve(
+        self: &Arc<Self>,
+        rt: &Runtime,
+        target: crate::http::Target,
+    ) -> Option<Arc<ServiceRt>> {
+        use crate::http::Target;
+        match target {
+            Target::Listener(i) => rt.listener_service(i).cloned(),
+            Target::Dst(dst) => Some(self.dst_service(rt, dst).await),
+            // The app in this pod: no Service call, nothing to discover.
+            Target::Inbound(app) => Some(rt.passthrough(app, &self.metrics)),
+        }
+    }
+
     /// The service a transparent connection's destination means: a policy service that
     /// claims the address, else what discovery says (a Kubernetes Service balanced over
     /// its endpoints), else the destination itself.
