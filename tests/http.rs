@@ -414,3 +414,40 @@ async fn metrics_count_requests_by_service_endpoint_and_status() {
         "{m}"
     );
 }
+
+/// An idle keep-alive connection is not the slow client header-read-timeout is for:
+/// it stays open for idle-timeout, and the next POST on it succeeds.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_outlives_the_header_read_timeout() {
+    let up = HttpUpstream::start("a").await.unwrap();
+    let post = b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhello";
+    // header-read-timeout is 500ms here; the default idle-timeout is an hour.
+    let f = Ferry::start(&policy(&[up.addr], ""), &[], &[]);
+    let mut s = TcpStream::connect(f.addr("web")).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(post).await.unwrap();
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"hello");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+
+    // With idle-timeout set, an idle connection is closed once it passes.
+    let f = Ferry::start(
+        &format!("idle-timeout: 700ms\n{}", policy(&[up.addr], "")),
+        &[],
+        &[],
+    );
+    let mut s = TcpStream::connect(f.addr("web")).await.unwrap();
+    s.write_all(post).await.unwrap();
+    read_response(&mut s).await;
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the idle connection was never closed");
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "closed after {:?}, before idle-timeout",
+        t.elapsed()
+    );
+}

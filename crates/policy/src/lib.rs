@@ -14,7 +14,7 @@ pub mod settings;
 pub use error::{Errors, FieldError};
 pub use policy::{
     DEFAULT_ADMIN, DEFAULT_DETECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
-    Endpoints, Listener, ListenerKind, Policy, Route, RouteMatch, Service,
+    DEFAULT_IDLE_TIMEOUT, Endpoints, Listener, ListenerKind, Policy, Route, RouteMatch, Service,
 };
 pub use settings::{Formats, HashOn, Lb, Overrides, Settings};
 

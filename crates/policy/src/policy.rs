@@ -21,6 +21,8 @@ pub struct Policy {
     pub admin: Option<Option<SocketAddr>>,
     pub detect_timeout: Option<Duration>,
     pub header_read_timeout: Option<Duration>,
+    /// How long an HTTP/1 keep-alive connection may wait for its next request.
+    pub idle_timeout: Option<Duration>,
     pub drain_timeout: Option<Duration>,
     pub opaque_ports: Option<Vec<u16>>,
     pub listeners: Vec<Listener>,
@@ -125,6 +127,9 @@ impl std::fmt::Display for RouteMatch {
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(100);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Above client pools' idle timeouts (Go 90 s, OkHttp 5 min), like Envoy's 1 h: a
+/// client must never find its pooled connection closed under its next request.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Policy {
@@ -164,6 +169,7 @@ impl Policy {
                 }
                 "detect-timeout" => p.detect_timeout = duration(v, k, &mut errs),
                 "header-read-timeout" => p.header_read_timeout = duration(v, k, &mut errs),
+                "idle-timeout" => p.idle_timeout = duration(v, k, &mut errs),
                 "drain-timeout" => p.drain_timeout = duration(v, k, &mut errs),
                 "opaque-ports" => p.opaque_ports = ports(v, k, &mut errs),
                 "listeners" => p.listeners = listeners(v, &mut errs),
@@ -180,7 +186,7 @@ impl Policy {
                 other => errs.push(FieldError::new(
                     other,
                     "",
-                    "is not a policy field (allowed: admin, detect-timeout, header-read-timeout, drain-timeout, opaque-ports, listeners, defaults, services)",
+                    "is not a policy field (allowed: admin, detect-timeout, header-read-timeout, idle-timeout, drain-timeout, opaque-ports, listeners, defaults, services)",
                 )),
             }
         }
@@ -221,6 +227,7 @@ impl Policy {
             admin: top.admin.or(self.admin),
             detect_timeout: top.detect_timeout.or(self.detect_timeout),
             header_read_timeout: top.header_read_timeout.or(self.header_read_timeout),
+            idle_timeout: top.idle_timeout.or(self.idle_timeout),
             drain_timeout: top.drain_timeout.or(self.drain_timeout),
             opaque_ports: top
                 .opaque_ports
@@ -272,6 +279,10 @@ impl Policy {
             .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT)
     }
 
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT)
+    }
+
     pub fn drain_timeout(&self) -> Duration {
         self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT)
     }
@@ -302,6 +313,7 @@ impl Policy {
         for (k, v) in [
             ("detect-timeout", self.detect_timeout),
             ("header-read-timeout", self.header_read_timeout),
+            ("idle-timeout", self.idle_timeout),
             ("drain-timeout", self.drain_timeout),
         ] {
             if let Some(d) = v {

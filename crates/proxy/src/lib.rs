@@ -12,6 +12,7 @@ pub mod controller;
 pub mod detect;
 pub mod discovery;
 pub mod errors;
+pub mod head;
 pub mod http;
 pub mod metrics;
 mod server;

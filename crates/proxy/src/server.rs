@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::detect::{Prefixed, Protocol, detect};
+use crate::head::{ConnTimer, HeadClock, Watched};
 use crate::http::{ConnCtx, HttpProxy, Target};
 use crate::metrics::ConnLabels;
 use crate::state::Shared;
@@ -186,7 +187,7 @@ async fn serve_conn(
             (Target::Inbound(dst), false, Some(dst.port()))
         }
     };
-    let (detect_window, header_timeout, opaque) = {
+    let (detect_window, header_timeout, idle_timeout, opaque) = {
         let rt = shared.load();
         let p: &Policy = &rt.policy;
         let opaque_port = dst_port.is_some_and(|port| {
@@ -198,6 +199,7 @@ async fn serve_conn(
         (
             p.detect_timeout(),
             p.header_read_timeout(),
+            p.idle_timeout(),
             listener_opaque || opaque_port,
         )
     };
@@ -219,10 +221,11 @@ async fn serve_conn(
             tcp::forward(stream, prefix, dst, connect_timeout).await?;
         }
         Protocol::Http1 => {
-            let io = TokioIo::new(Prefixed::new(prefix, stream));
+            let clock = HeadClock::new(idle_timeout);
+            let io = TokioIo::new(Watched::new(Prefixed::new(prefix, stream), clock.clone()));
             let svc = HttpProxy::new(shared, ctx);
             let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
+                .timer(ConnTimer(clock))
                 .header_read_timeout(header_timeout)
                 .max_buf_size(MAX_HEADER_BYTES)
                 .keep_alive(true)

@@ -1,0 +1,207 @@
+//! HTTP/1 timeouts that tell a slow client from an idle one.
+//!
+//! hyper arms its header-read timer as soon as a connection waits for a request head, so
+//! with `header-read-timeout` alone an idle keep-alive connection is closed after 10 s,
+//! under the next request of a client whose pool keeps connections for minutes. Here the
+//! timer hyper asks for counts `idle-timeout` until a byte of the next request arrives,
+//! then `header-read-timeout` from that byte: slow headers are still cut off.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// When the first byte after the last head wait began arrived (ns since `base`, 0: none).
+pub struct HeadClock {
+    base: Instant,
+    first_byte: AtomicU64,
+    idle: Duration,
+}
+
+impl HeadClock {
+    pub fn new(idle: Duration) -> Arc<HeadClock> {
+        Arc::new(HeadClock {
+            base: Instant::now(),
+            first_byte: AtomicU64::new(0),
+            idle,
+        })
+    }
+
+    fn saw_bytes(&self) {
+        if self.first_byte.load(Ordering::Relaxed) == 0 {
+            let ns = self.base.elapsed().as_nanos() as u64;
+            self.first_byte.store(ns.max(1), Ordering::Relaxed);
+        }
+    }
+
+    fn first_byte(&self) -> Option<Instant> {
+        match self.first_byte.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(self.base + Duration::from_nanos(ns)),
+        }
+    }
+}
+
+/// The timer handed to hyper's HTTP/1 server for one connection.
+#[derive(Clone)]
+pub struct ConnTimer(pub Arc<HeadClock>);
+
+impl hyper::rt::Timer for ConnTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    /// hyper asks for this when it starts waiting for a request head; `deadline` is
+    /// now + header-read-timeout.
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let header = deadline.saturating_duration_since(std::time::Instant::now());
+        self.0.first_byte.store(0, Ordering::Relaxed);
+        let started = Instant::now();
+        Box::pin(HeadSleep {
+            clock: self.0.clone(),
+            header,
+            started,
+            sleep: tokio::time::sleep_until(started + self.0.idle),
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct HeadSleep {
+        clock: Arc<HeadClock>,
+        header: Duration,
+        started: Instant,
+        #[pin]
+        sleep: tokio::time::Sleep,
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        // hyper polls this after every read that leaves the head incomplete, so the
+        // deadline moves to first byte + header-read-timeout as soon as one arrives.
+        let deadline = match this.clock.first_byte() {
+            Some(t) => t + *this.header,
+            None => *this.started + this.clock.idle,
+        };
+        if this.sleep.deadline() != deadline {
+            this.sleep.as_mut().reset(deadline);
+        }
+        this.sleep.poll(cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's IO that tells its [`HeadClock`] when bytes arrive.
+    pub struct Watched<S> {
+        #[pin]
+        inner: S,
+        clock: Arc<HeadClock>,
+    }
+}
+
+impl<S> Watched<S> {
+    pub fn new(inner: S, clock: Arc<HeadClock>) -> Self {
+        Watched { inner, clock }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Watched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.clock.saw_bytes();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Watched<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Timer;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_wait_lasts_idle_and_a_started_head_lasts_header_read() {
+        let clock = HeadClock::new(Duration::from_secs(3600));
+        let timer = ConnTimer(clock.clone());
+        let header = Duration::from_secs(10);
+
+        let mut idle = timer.sleep(header);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(
+            futures_poll(&mut idle).is_pending(),
+            "idle for a minute: still open"
+        );
+
+        clock.saw_bytes();
+        assert!(futures_poll(&mut idle).is_pending());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(
+            futures_poll(&mut idle).is_ready(),
+            "a head begun 11 s ago is cut off"
+        );
+
+        // The next wait starts afresh: the bytes of the last head do not count.
+        let mut next = timer.sleep(header);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(futures_poll(&mut next).is_pending());
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(
+            futures_poll(&mut next).is_ready(),
+            "idle past idle-timeout: closed"
+        );
+    }
+
+    fn futures_poll(f: &mut Pin<Box<dyn hyper::rt::Sleep>>) -> Poll<()> {
+        let waker = std::task::Waker::noop();
+        f.as_mut().poll(&mut Context::from_waker(waker))
+    }
+}
