@@ -451,3 +451,28 @@ async fn an_idle_keep_alive_connection_outlives_the_header_read_timeout() {
         t.elapsed()
     );
 }
+
+/// A client that pauses inside its request line, longer than the detection window, is
+/// still proxied as HTTP (the sidecar adds its request id), not tunnelled as bytes.
+#[tokio::test]
+async fn a_pause_inside_the_request_line_does_not_make_the_connection_opaque() {
+    let up = HttpUpstream::start("a").await.unwrap();
+    let f = Ferry::start(
+        &format!("detect-timeout: 50ms\n{}", policy(&[up.addr], "")),
+        &[],
+        &[],
+    );
+    let mut s = TcpStream::connect(f.addr("web")).await.unwrap();
+    s.write_all(b"GE").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"T /headers HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let seen: std::collections::BTreeMap<String, String> = serde_json::from_slice(&body).unwrap();
+    assert!(
+        seen.contains_key("x-request-id"),
+        "proxied as HTTP: {seen:?}"
+    );
+}

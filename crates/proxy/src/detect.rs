@@ -60,20 +60,34 @@ fn classify(buf: &[u8]) -> Verdict {
 }
 
 /// Reads until the protocol is known. A client that says nothing within `window` is
-/// taken to wait for the server to speak first (databases, SMTP): opaque at once.
+/// taken to wait for the server to speak first (databases, SMTP): opaque at once. A
+/// client whose first bytes may begin an HTTP/1 request line or the HTTP/2 preface is
+/// never downgraded to opaque for being slow: it gets `header_timeout` from its first
+/// byte to finish, and is disconnected past it, as a slow HTTP client would be. Only
+/// bytes that cannot be HTTP make a connection opaque.
 pub async fn detect<S: AsyncRead + Unpin>(
     io: &mut S,
     window: Duration,
+    header_timeout: Duration,
 ) -> io::Result<(Protocol, BytesMut)> {
     let mut buf = BytesMut::with_capacity(512);
-    let deadline = Instant::now() + window;
+    let mut deadline = Instant::now() + window;
     loop {
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_elapsed) => return Ok((Protocol::Opaque, buf)),
+            Err(_elapsed) if buf.is_empty() => return Ok((Protocol::Opaque, buf)),
+            Err(_elapsed) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client began an HTTP request and did not finish its first line",
+                ));
+            }
             Ok(Ok(0)) => return Ok((Protocol::Opaque, buf)),
-            Ok(Ok(_)) => {
+            Ok(Ok(n)) => {
                 if let Verdict::Is(p) = classify(&buf) {
                     return Ok((p, buf));
+                }
+                if buf.len() == n {
+                    deadline = Instant::now() + header_timeout;
                 }
             }
             Ok(Err(e)) => return Err(e),
@@ -165,9 +179,13 @@ mod tests {
     #[tokio::test]
     async fn a_silent_client_is_opaque_after_the_window_and_bytes_are_replayed() {
         let (mut client, mut server) = tokio::io::duplex(64);
-        let (p, buf) = detect(&mut server, Duration::from_millis(20))
-            .await
-            .unwrap();
+        let (p, buf) = detect(
+            &mut server,
+            Duration::from_millis(20),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
         assert_eq!((p, buf.len()), (Protocol::Opaque, 0));
 
         client.write_all(b"GE").await.unwrap();
@@ -176,12 +194,69 @@ mod tests {
             client.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
             client
         });
-        let (p, buf) = detect(&mut server, Duration::from_secs(5)).await.unwrap();
+        let (p, buf) = detect(&mut server, Duration::from_secs(5), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(p, Protocol::Http1);
         let _client = writer.await.unwrap();
         let mut prefixed = Prefixed::new(buf, server);
         let mut line = [0u8; 16];
         prefixed.read_exact(&mut line).await.unwrap();
         assert_eq!(&line, b"GET / HTTP/1.1\r\n");
+    }
+
+    /// A pause longer than the detection window anywhere inside the HTTP/2 preface or
+    /// an HTTP/1 request line does not make the connection opaque.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_http_client_is_never_downgraded_to_opaque() {
+        let window = Duration::from_millis(100);
+        let header = Duration::from_secs(10);
+        let cases: [(&[u8], Protocol); 2] = [
+            (H2_PREFACE, Protocol::Http2),
+            (b"DELETE /items/7 HTTP/1.1\r\n", Protocol::Http1),
+        ];
+        for (bytes, want) in cases {
+            for split in 1..bytes.len() {
+                let (mut client, mut server) = tokio::io::duplex(256);
+                let (first, rest) = bytes.split_at(split);
+                let (first, rest) = (first.to_vec(), rest.to_vec());
+                let writer = tokio::spawn(async move {
+                    client.write_all(&first).await.unwrap();
+                    tokio::time::sleep(window * 5).await;
+                    client.write_all(&rest).await.unwrap();
+                    client
+                });
+                let (p, buf) = detect(&mut server, window, header).await.unwrap();
+                let _client = writer.await.unwrap();
+                assert_eq!(p, want, "split at {split}: {buf:?}");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stalls_inside_a_request_line_is_cut_off_at_header_read_timeout() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"PO").await.unwrap();
+        let t = Instant::now();
+        let err = detect(
+            &mut server,
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(t.elapsed() >= Duration::from_secs(10));
+        // Bytes that cannot be HTTP are opaque at once, however they arrive.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"\x16\x03").await.unwrap();
+        let (p, _) = detect(
+            &mut server,
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(p, Protocol::Opaque);
     }
 }

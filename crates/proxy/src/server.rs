@@ -206,7 +206,7 @@ async fn serve_conn(
     let (proto, prefix) = if opaque {
         (Protocol::Opaque, bytes::BytesMut::new())
     } else {
-        detect(&mut stream, detect_window).await?
+        detect(&mut stream, detect_window, header_timeout).await?
     };
     listener.counter(proto).inc();
 
