@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use ferry_policy::annotations::{PodAnnotations, SidecarMode};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceRequirements,
-    SecurityContext, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, NodeSelectorTerm, ObjectFieldSelector, Pod, PodSpec, Probe,
+    ResourceRequirements, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -18,6 +18,15 @@ pub const PROXY: &str = "ferry-proxy";
 pub const INIT: &str = "ferry-init";
 pub const PODINFO: &str = "ferry-podinfo";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The sidecar's ports in a pod. `ferry init` redirects to the two listeners, so they are
+/// fixed; the admin API (probed by the kubelet) moves with `admin:` in `ferry.dev/policy`.
+pub const ADMIN_PORT: u16 = 15000;
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PORT: u16 = 15006;
+
+/// Node labels that name the OS (the beta one is still set by older kubelets).
+const OS_LABELS: [&str; 2] = ["kubernetes.io/os", "beta.kubernetes.io/os"];
 
 /// What the injector adds, and where it refuses to.
 #[derive(Clone, Debug)]
@@ -64,7 +73,8 @@ pub enum Outcome {
     Skipped(String),
 }
 
-/// A pod that must not be admitted as it is: bad `ferry.dev/` annotations.
+/// A pod that must not be admitted as it is: bad `ferry.dev/` annotations, or ports the
+/// sidecar needs already taken.
 #[derive(Debug, PartialEq, thiserror::Error)]
 #[error("{0}")]
 pub struct Refusal(pub String);
@@ -112,6 +122,11 @@ pub fn inject(
             "pods with hostNetwork: true are not injected (their traffic is the node's)".into(),
         ));
     }
+    if let Some(why) = windows_only(&spec) {
+        return Ok(Outcome::Skipped(format!(
+            "the pod runs on Windows nodes ({why}), and the ferry sidecar is Linux-only"
+        )));
+    }
     let has_proxy = spec
         .containers
         .iter()
@@ -129,12 +144,19 @@ pub fn inject(
                 .join("; ")
         ))
     })?;
+    let admin = admin_port(&parsed)?;
+    // Two processes in one network namespace cannot listen on one port: one of them
+    // would crash-loop, so the pod is refused now rather than broken later.
+    let clashes = port_clashes(&spec, admin);
+    if !clashes.is_empty() {
+        return Err(Refusal(clashes.join("; ")));
+    }
 
     let mut out = pod.clone();
     let mode = parsed.sidecar_mode.unwrap_or(cfg.sidecar_mode);
     let spec = out.spec.get_or_insert_with(Default::default);
-    let proxy = proxy_container(pod, &parsed, mode, cfg);
-    let init = init_container(&parsed, cfg);
+    let proxy = proxy_container(pod, &parsed, mode, admin, cfg);
+    let init = init_container(&parsed, admin, cfg);
     let mut inits = vec![init];
     if mode == SidecarMode::Native {
         // Right after the redirect, so later init containers already go through it.
@@ -167,6 +189,117 @@ pub fn inject(
     Ok(Outcome::Injected(Box::new(out)))
 }
 
+/// Why the pod can only run on Windows nodes, if so: the sidecar and `ferry init`
+/// (iptables) are Linux-only, and the API server rejects Linux security settings in a
+/// pod with `spec.os.name: windows`.
+fn windows_only(spec: &PodSpec) -> Option<String> {
+    if spec.os.as_ref().is_some_and(|os| os.name == "windows") {
+        return Some("spec.os.name: windows".into());
+    }
+    if let Some((k, _)) = spec
+        .node_selector
+        .iter()
+        .flatten()
+        .find(|(k, v)| OS_LABELS.contains(&k.as_str()) && v.as_str() == "windows")
+    {
+        return Some(format!("spec.nodeSelector {k}: windows"));
+    }
+    let terms = spec
+        .affinity
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()?
+        .node_selector_terms
+        .as_slice();
+    // Terms are alternatives: Windows only if every one of them demands it.
+    let windows_term = |t: &NodeSelectorTerm| {
+        t.match_expressions.iter().flatten().any(|e| {
+            OS_LABELS.contains(&e.key.as_str())
+                && e.operator == "In"
+                && e.values
+                    .as_ref()
+                    .is_some_and(|v| !v.is_empty() && v.iter().all(|x| x == "windows"))
+        })
+    };
+    (!terms.is_empty() && terms.iter().all(windows_term))
+        .then(|| "its required node affinity admits only kubernetes.io/os: windows".into())
+}
+
+/// The admin API's port as the sidecar will bind it, or why the kubelet could not probe it.
+fn admin_port(ann: &PodAnnotations) -> Result<u16, Refusal> {
+    let Some(admin) = ann.policy.as_ref().and_then(|p| p.admin) else {
+        return Ok(ADMIN_PORT);
+    };
+    let bad = |why: String| Err(Refusal(format!("ferry.dev/policy: admin: {why}")));
+    let Some(addr) = admin else {
+        return bad(format!(
+            "off leaves the sidecar without the admin API its probes need (/ready, /live); \
+             leave admin unset for 0.0.0.0:{ADMIN_PORT}"
+        ));
+    };
+    if !addr.ip().is_unspecified() {
+        return bad(format!(
+            "{addr} is not reachable by the kubelet's probes, which come to the pod's IP; \
+             bind 0.0.0.0:{} or leave admin unset",
+            addr.port()
+        ));
+    }
+    match addr.port() {
+        0 => bad(format!(
+            "{addr} picks a random port, which the kubelet cannot probe; name a port"
+        )),
+        p @ (OUTBOUND_PORT | INBOUND_PORT) => bad(format!(
+            "{addr} is the sidecar's {} listener port; pick another",
+            if p == OUTBOUND_PORT {
+                "outbound"
+            } else {
+                "inbound"
+            }
+        )),
+        p => Ok(p),
+    }
+}
+
+/// Each container port the sidecar needs but a container already declares. Only TCP:
+/// the sidecar listens on nothing else.
+fn port_clashes(spec: &PodSpec, admin: u16) -> Vec<String> {
+    let needed = [
+        (admin, "admin API"),
+        (OUTBOUND_PORT, "outbound listener"),
+        (INBOUND_PORT, "inbound listener"),
+    ];
+    let containers = spec.containers.iter().map(|c| ("container", c)).chain(
+        spec.init_containers
+            .iter()
+            .flatten()
+            .map(|c| ("init container", c)),
+    );
+    let mut out = Vec::new();
+    for (kind, c) in containers {
+        for p in c.ports.iter().flatten() {
+            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                continue;
+            }
+            let Some((port, role)) = needed
+                .iter()
+                .find(|(n, _)| i32::from(*n) == p.container_port)
+            else {
+                continue;
+            };
+            let msg = format!(
+                "{kind} {:?} already uses port {port}, which the ferry sidecar needs ({role})",
+                c.name
+            );
+            if !out.contains(&msg) {
+                out.push(msg);
+            }
+        }
+    }
+    out
+}
+
 fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -189,11 +322,11 @@ fn env(name: &str, value: &str) -> EnvVar {
     }
 }
 
-fn http_probe(path: &str, failure_threshold: i32) -> Probe {
+fn http_probe(path: &str, admin: u16, failure_threshold: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::Int(15000),
+            port: IntOrString::Int(admin.into()),
             ..Default::default()
         }),
         period_seconds: Some(1),
@@ -219,7 +352,13 @@ fn service_name(pod: &Pod) -> String {
         .unwrap_or_else(|| "ferry".into())
 }
 
-fn proxy_container(pod: &Pod, ann: &PodAnnotations, mode: SidecarMode, cfg: &Config) -> Container {
+fn proxy_container(
+    pod: &Pod,
+    ann: &PodAnnotations,
+    mode: SidecarMode,
+    admin: u16,
+    cfg: &Config,
+) -> Container {
     let cpu = ann
         .proxy_cpu
         .clone()
@@ -256,7 +395,7 @@ fn proxy_container(pod: &Pod, ann: &PodAnnotations, mode: SidecarMode, cfg: &Con
         env: Some(envs),
         ports: Some(vec![ContainerPort {
             name: Some("ferry-admin".into()),
-            container_port: 15000,
+            container_port: admin.into(),
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
@@ -286,9 +425,9 @@ fn proxy_container(pod: &Pod, ann: &PodAnnotations, mode: SidecarMode, cfg: &Con
             read_only: Some(true),
             ..Default::default()
         }]),
-        startup_probe: Some(http_probe("/ready", 60)),
-        readiness_probe: Some(http_probe("/ready", 3)),
-        liveness_probe: Some(http_probe("/live", 10)),
+        startup_probe: Some(http_probe("/ready", admin, 60)),
+        readiness_probe: Some(http_probe("/ready", admin, 3)),
+        liveness_probe: Some(http_probe("/live", admin, 10)),
         restart_policy: (mode == SidecarMode::Native).then(|| "Always".into()),
         ..Default::default()
     }
@@ -301,19 +440,18 @@ fn list(v: &[impl ToString]) -> String {
         .join(",")
 }
 
-fn init_container(ann: &PodAnnotations, cfg: &Config) -> Container {
-    let mut args: Vec<String> = [
-        "init",
-        "--outbound-port",
-        "15001",
-        "--inbound-port",
-        "15006",
-        "--admin-port",
-        "15000",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(["--proxy-uid".into(), cfg.proxy_uid.to_string()]);
+fn init_container(ann: &PodAnnotations, admin: u16, cfg: &Config) -> Container {
+    let mut args: Vec<String> = vec![
+        "init".into(),
+        "--outbound-port".into(),
+        OUTBOUND_PORT.to_string(),
+        "--inbound-port".into(),
+        INBOUND_PORT.to_string(),
+        "--admin-port".into(),
+        admin.to_string(),
+        "--proxy-uid".into(),
+        cfg.proxy_uid.to_string(),
+    ];
     let r = &ann.redirect;
     if !r.skip_outbound_ports.is_empty() {
         args.extend(["--skip-outbound-ports".into(), list(&r.skip_outbound_ports)]);

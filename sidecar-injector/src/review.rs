@@ -3,7 +3,7 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use kube_core::DynamicObject;
-use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 
 use crate::inject::{Config, Outcome, inject, patch};
 
@@ -14,6 +14,8 @@ pub enum Verdict {
     Skipped,
     Denied,
     NotAPod,
+    /// An UPDATE, DELETE or CONNECT: allowed unchanged.
+    NotACreate,
 }
 
 impl Verdict {
@@ -23,6 +25,7 @@ impl Verdict {
             Verdict::Skipped => "skipped",
             Verdict::Denied => "denied",
             Verdict::NotAPod => "not-a-pod",
+            Verdict::NotACreate => "not-a-create",
         }
     }
 }
@@ -50,6 +53,12 @@ pub fn review(
     let resp = AdmissionResponse::from(&req);
     if req.kind.kind != "Pod" || !req.kind.group.is_empty() {
         return Ok((resp.into_review(), Verdict::NotAPod));
+    }
+    // Only a new pod can get containers: the API server refuses an UPDATE that changes
+    // them, and DELETE and CONNECT have nothing to inject. Checked here too, not only in
+    // the webhook's rules, which may be edited to include more operations.
+    if req.operation != Operation::Create {
+        return Ok((resp.into_review(), Verdict::NotACreate));
     }
     let Some(obj) = &req.object else {
         return Ok((resp.into_review(), Verdict::NotAPod));

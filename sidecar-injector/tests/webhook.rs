@@ -124,7 +124,11 @@ impl Drop for Injector {
 }
 
 fn review_of(pod: &Value, uid: &str) -> Vec<u8> {
-    serde_json::to_vec(&json!({
+    serde_json::to_vec(&review_value(pod, uid)).unwrap()
+}
+
+fn review_value(pod: &Value, uid: &str) -> Value {
+    json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
         "request": {
@@ -141,8 +145,28 @@ fn review_of(pod: &Value, uid: &str) -> Vec<u8> {
             "dryRun": false,
             "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
         }
-    }))
-    .unwrap()
+    })
+}
+
+/// A pod from the fixture with `f` applied.
+fn pod_with(f: impl FnOnce(&mut Value)) -> Value {
+    let mut p: Value = serde_json::from_str(POD).unwrap();
+    f(&mut p);
+    p
+}
+
+/// The refusal message of a denied review.
+fn denial(resp: &Value) -> &str {
+    assert_eq!(resp["response"]["allowed"], false, "{resp}");
+    assert!(resp["response"]["patch"].is_null(), "{resp}");
+    resp["response"]["status"]["message"].as_str().unwrap()
+}
+
+/// The skip warning of a review allowed unchanged.
+fn skip_warning(resp: &Value) -> &str {
+    assert_eq!(resp["response"]["allowed"], true, "{resp}");
+    assert!(resp["response"]["patch"].is_null(), "{resp}");
+    resp["response"]["warnings"][0].as_str().unwrap_or_default()
 }
 
 /// The patch bytes: kube-core writes Go's `[]byte` as a JSON array of numbers, which the
@@ -506,5 +530,382 @@ fn inject_f_handles_every_workload_kind_in_one_stream() {
     assert!(
         String::from_utf8_lossy(&out.stderr)
             .contains("ferry.dev/retries: \"lots\" is not a retry count")
+    );
+}
+
+#[tokio::test]
+async fn only_a_create_is_mutated_other_operations_pass_unchanged() {
+    let inj = Injector::start();
+    let pod: Value = serde_json::from_str(POD).unwrap();
+    // The control: the same pod, created, is injected.
+    let (_, resp) = inj
+        .post("/mutate?namespace-enabled=true", review_of(&pod, "c"))
+        .await;
+    assert!(patch_bytes(&resp).is_some(), "{resp}");
+
+    let mut dying = pod.clone();
+    dying["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:00Z");
+    // Each carries a pod the injector would inject, so only the operation decides.
+    for (op, object, old, options) in [
+        ("UPDATE", pod.clone(), pod.clone(), "UpdateOptions"),
+        ("DELETE", dying, pod.clone(), "DeleteOptions"),
+        ("DELETE", Value::Null, pod.clone(), "DeleteOptions"),
+        ("CONNECT", pod.clone(), Value::Null, "PodExecOptions"),
+    ] {
+        let mut review = review_value(&pod, op);
+        review["request"]["operation"] = json!(op);
+        review["request"]["object"] = object;
+        review["request"]["oldObject"] = old;
+        review["request"]["options"]["kind"] = json!(options);
+        let (status, resp) = inj
+            .post(
+                "/mutate?namespace-enabled=true",
+                serde_json::to_vec(&review).unwrap(),
+            )
+            .await;
+        assert_eq!(status, 200, "{op}: {resp}");
+        assert_eq!(resp["response"]["uid"], op, "{resp}");
+        assert_eq!(resp["response"]["allowed"], true, "{op}: {resp}");
+        assert!(resp["response"]["patch"].is_null(), "{op}: {resp}");
+        assert!(resp["response"]["patchType"].is_null(), "{op}: {resp}");
+        // Every label change on a running pod comes here: no warning noise for them.
+        assert!(resp["response"]["warnings"].is_null(), "{op}: {resp}");
+    }
+
+    // An UPDATE is not judged either: bad annotations are the sidecar's to refuse live.
+    let bad = pod_with(|p| p["metadata"]["annotations"]["ferry.dev/inject"] = json!("yes"));
+    let mut review = review_value(&bad, "u-bad");
+    review["request"]["operation"] = json!("UPDATE");
+    review["request"]["oldObject"] = pod.clone();
+    let (_, resp) = inj
+        .post("/mutate", serde_json::to_vec(&review).unwrap())
+        .await;
+    assert_eq!(resp["response"]["allowed"], true, "{resp}");
+    assert!(resp["response"]["patch"].is_null(), "{resp}");
+}
+
+#[tokio::test]
+async fn pods_for_windows_nodes_are_skipped_with_a_warning_saying_why() {
+    let inj = Injector::start();
+    let os_in = |values: Value| json!({"matchExpressions": [{"key": "kubernetes.io/os", "operator": "In", "values": values}]});
+    let required = |terms: Vec<Value>| json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}});
+    let cases: Vec<(&str, Value, Option<&str>)> = vec![
+        (
+            "nodeSelector",
+            pod_with(|p| p["spec"]["nodeSelector"] = json!({"kubernetes.io/os": "windows"})),
+            Some("spec.nodeSelector kubernetes.io/os: windows"),
+        ),
+        (
+            "required affinity, one term",
+            pod_with(|p| p["spec"]["affinity"] = required(vec![os_in(json!(["windows"]))])),
+            Some("required node affinity admits only kubernetes.io/os: windows"),
+        ),
+        (
+            "required affinity, every term windows",
+            pod_with(|p| {
+                let mut arm = os_in(json!(["windows"]));
+                arm["matchExpressions"].as_array_mut().unwrap().push(
+                    json!({"key": "kubernetes.io/arch", "operator": "In", "values": ["arm64"]}),
+                );
+                p["spec"]["affinity"] = required(vec![os_in(json!(["windows"])), arm]);
+            }),
+            Some("node affinity"),
+        ),
+        (
+            "spec.os",
+            pod_with(|p| p["spec"]["os"] = json!({"name": "windows"})),
+            Some("spec.os.name: windows"),
+        ),
+        (
+            "nodeSelector linux",
+            pod_with(|p| p["spec"]["nodeSelector"] = json!({"kubernetes.io/os": "linux"})),
+            None,
+        ),
+        (
+            "affinity allows linux too",
+            pod_with(|p| {
+                p["spec"]["affinity"] = required(vec![os_in(json!(["windows", "linux"]))])
+            }),
+            None,
+        ),
+        (
+            "one term of two allows linux",
+            pod_with(|p| {
+                p["spec"]["affinity"] =
+                    required(vec![os_in(json!(["windows"])), os_in(json!(["linux"]))])
+            }),
+            None,
+        ),
+        (
+            "windows only NotIn",
+            pod_with(|p| {
+                p["spec"]["affinity"] = required(vec![
+                    json!({"matchExpressions": [{"key": "kubernetes.io/os", "operator": "NotIn", "values": ["windows"]}]}),
+                ])
+            }),
+            None,
+        ),
+        (
+            "windows only preferred",
+            pod_with(
+                |p| p["spec"]["affinity"] = json!({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference": os_in(json!(["windows"]))}]}}),
+            ),
+            None,
+        ),
+    ];
+    for (what, pod, skipped) in cases {
+        let (status, resp) = inj
+            .post("/mutate?namespace-enabled=true", review_of(&pod, "w"))
+            .await;
+        assert_eq!(status, 200, "{what}");
+        match skipped {
+            Some(why) => {
+                let w = skip_warning(&resp);
+                assert!(
+                    w.starts_with("ferry: not injected: the pod runs on Windows nodes (")
+                        && w.contains(why)
+                        && w.ends_with("the ferry sidecar is Linux-only"),
+                    "{what}: {w}"
+                );
+            }
+            None => {
+                assert_eq!(resp["response"]["allowed"], true, "{what}: {resp}");
+                let patched = apply(&pod, &resp);
+                assert_eq!(
+                    patched["spec"]["initContainers"][1]["name"], "ferry-proxy",
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn host_network_pods_are_skipped_with_a_warning() {
+    let inj = Injector::start();
+    // Even one asking for injection, and on a port the sidecar would need: it gets none.
+    let pod = pod_with(|p| {
+        p["spec"]["hostNetwork"] = json!(true);
+        p["metadata"]["annotations"]["ferry.dev/inject"] = json!("enabled");
+        p["spec"]["containers"][0]["ports"] = json!([{"containerPort": 15001}]);
+    });
+    let (status, resp) = inj.post("/mutate", review_of(&pod, "hn")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        skip_warning(&resp),
+        "ferry: not injected: pods with hostNetwork: true are not injected (their traffic is the node's)"
+    );
+}
+
+#[tokio::test]
+async fn a_container_on_a_port_the_sidecar_needs_is_refused_naming_both() {
+    let inj = Injector::start();
+    let ports = |p: &mut Value, which: &str, i: usize, ports: Value| {
+        p["spec"][which][i]["ports"] = ports;
+    };
+    let refused: Vec<(&str, Value, &str)> = vec![
+        (
+            "app on the outbound port",
+            pod_with(|p| {
+                ports(
+                    p,
+                    "containers",
+                    0,
+                    json!([{"containerPort": 8080}, {"containerPort": 15001, "protocol": "TCP"}]),
+                )
+            }),
+            "container \"app\" already uses port 15001, which the ferry sidecar needs (outbound listener)",
+        ),
+        (
+            "an init container on the inbound port",
+            pod_with(|p| ports(p, "initContainers", 0, json!([{"containerPort": 15006}]))),
+            "init container \"migrate\" already uses port 15006, which the ferry sidecar needs (inbound listener)",
+        ),
+        (
+            "two containers on two ports",
+            pod_with(|p| {
+                ports(
+                    p,
+                    "containers",
+                    1,
+                    json!([{"containerPort": 15000, "name": "metrics"}]),
+                );
+                ports(p, "containers", 0, json!([{"containerPort": 15006}]));
+            }),
+            "container \"app\" already uses port 15006, which the ferry sidecar needs (inbound listener); \
+             container \"log-shipper\" already uses port 15000, which the ferry sidecar needs (admin API)",
+        ),
+        (
+            "the admin port moved by ferry.dev/policy onto the app's",
+            pod_with(|p| {
+                p["metadata"]["annotations"]["ferry.dev/policy"] = json!("admin: 0.0.0.0:16000\n");
+                ports(p, "containers", 0, json!([{"containerPort": 16000}]));
+            }),
+            "container \"app\" already uses port 16000, which the ferry sidecar needs (admin API)",
+        ),
+        (
+            "the admin API turned off",
+            pod_with(|p| {
+                p["metadata"]["annotations"]["ferry.dev/policy"] = json!("admin: \"off\"\n")
+            }),
+            "ferry.dev/policy: admin: off leaves the sidecar without the admin API its probes need (/ready, /live); leave admin unset for 0.0.0.0:15000",
+        ),
+        (
+            "the admin API on loopback",
+            pod_with(|p| {
+                p["metadata"]["annotations"]["ferry.dev/policy"] = json!("admin: 127.0.0.1:15000\n")
+            }),
+            "ferry.dev/policy: admin: 127.0.0.1:15000 is not reachable by the kubelet's probes, which come to the pod's IP; bind 0.0.0.0:15000 or leave admin unset",
+        ),
+        (
+            "the admin API on the outbound listener",
+            pod_with(|p| {
+                p["metadata"]["annotations"]["ferry.dev/policy"] = json!("admin: 0.0.0.0:15001\n")
+            }),
+            "ferry.dev/policy: admin: 0.0.0.0:15001 is the sidecar's outbound listener port; pick another",
+        ),
+    ];
+    for (what, pod, msg) in refused {
+        let (status, resp) = inj
+            .post("/mutate?namespace-enabled=true", review_of(&pod, "p"))
+            .await;
+        assert_eq!(status, 200, "{what}");
+        assert_eq!(denial(&resp), msg, "{what}");
+    }
+
+    // Not refused: UDP (the sidecar listens on TCP only), and a pod not being injected.
+    let udp = pod_with(|p| {
+        ports(
+            p,
+            "containers",
+            0,
+            json!([{"containerPort": 15001, "protocol": "UDP"}]),
+        )
+    });
+    let (_, resp) = inj
+        .post("/mutate?namespace-enabled=true", review_of(&udp, "udp"))
+        .await;
+    assert!(patch_bytes(&resp).is_some(), "{resp}");
+    let clash = pod_with(|p| ports(p, "containers", 0, json!([{"containerPort": 15001}])));
+    let (_, resp) = inj.post("/mutate", review_of(&clash, "off")).await;
+    assert!(skip_warning(&resp).contains("not enabled"), "{resp}");
+
+    // With the admin API moved, the app may have 15000, and everything follows the move.
+    let moved = pod_with(|p| {
+        p["metadata"]["annotations"]["ferry.dev/policy"] = json!("admin: 0.0.0.0:16000\n");
+        ports(p, "containers", 0, json!([{"containerPort": 15000}]));
+    });
+    let (_, resp) = inj
+        .post("/mutate?namespace-enabled=true", review_of(&moved, "mv"))
+        .await;
+    let patched = apply(&moved, &resp);
+    let init = &patched["spec"]["initContainers"][0];
+    let args: Vec<&str> = init["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--admin-port", "16000"]),
+        "{args:?}"
+    );
+    let proxy = &patched["spec"]["initContainers"][1];
+    assert_eq!(proxy["ports"][0]["containerPort"], 16000);
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(proxy[probe]["httpGet"]["port"], 16000, "{probe}");
+    }
+    validate_pod(&patched);
+}
+
+#[tokio::test]
+async fn an_annotation_the_sidecar_would_not_understand_is_refused_with_what_is_allowed() {
+    let inj = Injector::start();
+    let cases = [
+        (
+            "ferry.dev/inject",
+            "yes",
+            "ferry.dev/inject: \"yes\" is not an injection choice (allowed: enabled, disabled)",
+        ),
+        (
+            "ferry.dev/sidecar-mode",
+            "sidecar",
+            "ferry.dev/sidecar-mode: \"sidecar\" is not a sidecar mode (allowed: native, container)",
+        ),
+        (
+            "ferry.dev/lb",
+            "fastest",
+            "ferry.dev/lb: \"fastest\" is not a balancer (allowed: p2c-ewma, ",
+        ),
+        (
+            "ferry.dev/lbb",
+            "random",
+            "ferry.dev/lbb: \"random\" is not a ferry annotation (known: ",
+        ),
+    ];
+    for (key, value, msg) in cases {
+        let pod = pod_with(|p| p["metadata"]["annotations"][key] = json!(value));
+        let (status, resp) = inj
+            .post("/mutate?namespace-enabled=true", review_of(&pod, "a"))
+            .await;
+        assert_eq!(status, 200, "{key}");
+        let m = denial(&resp);
+        assert!(m.contains(msg), "{key}: {m}");
+    }
+}
+
+#[test]
+fn inject_f_skips_windows_workloads_and_refuses_port_clashes() {
+    let pod: Value = serde_json::from_str(POD).unwrap();
+    let deployment = |name: &str, spec: &Value| json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}, "spec": {"selector": {"matchLabels": {"app": "w"}}, "template": {"metadata": {"labels": {"app": "w"}}, "spec": spec}}});
+    let mut win_spec = pod["spec"].clone();
+    win_spec["nodeSelector"] = json!({"kubernetes.io/os": "windows"});
+    let docs = [
+        deployment("iis", &win_spec),
+        deployment("web", &pod["spec"]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let run = |docs: &[Value]| {
+        let text: String = docs
+            .iter()
+            .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+            .collect();
+        std::fs::write(dir.path().join("in.yaml"), text).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_ferry-injector"))
+            .args(["inject", "-f"])
+            .arg(dir.path().join("in.yaml"))
+            .output()
+            .unwrap()
+    };
+    let out = run(&docs);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Deployment iis: not injected: the pod runs on Windows nodes (spec.nodeSelector kubernetes.io/os: windows), and the ferry sidecar is Linux-only"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Deployment web: injected"), "{stderr}");
+    let results: Vec<Value> =
+        serde_yaml::Deserializer::from_str(&String::from_utf8(out.stdout).unwrap())
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+    assert_eq!(results[0], docs[0], "the Windows workload is untouched");
+    assert_eq!(
+        results[1]["spec"]["template"]["spec"]["initContainers"][1]["name"],
+        "ferry-proxy"
+    );
+
+    // A clash stops the run, naming the document, workload, container and port.
+    let mut clash_spec = pod["spec"].clone();
+    clash_spec["initContainers"][0]["ports"] = json!([{"containerPort": 15000}]);
+    let out = run(&[
+        deployment("web", &pod["spec"]),
+        deployment("batch", &clash_spec),
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "ferry-injector: document 2 (Deployment batch): init container \"migrate\" already uses port 15000, which the ferry sidecar needs (admin API)"
     );
 }
