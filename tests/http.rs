@@ -476,3 +476,82 @@ async fn a_pause_inside_the_request_line_does_not_make_the_connection_opaque() {
         "proxied as HTTP: {seen:?}"
     );
 }
+
+/// RFC edge cases answered by the proxy itself: a malformed chunked body is the client's
+/// fault (400), an absolute-form target names the Host, CONNECT is refused (405).
+#[tokio::test]
+async fn malformed_bodies_absolute_targets_and_connect_get_the_rfc_answers() {
+    let up = HttpUpstream::start("a").await.unwrap();
+    let f = Ferry::start(&policy(&[up.addr], ""), &[], &[]);
+    let web = f.addr("web");
+
+    let bad_chunk = send_raw(
+        web,
+        b"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(bad_chunk.starts_with("HTTP/1.1 400"), "{bad_chunk}");
+    assert!(
+        bad_chunk.contains("x-ferry-error: bad-request"),
+        "{bad_chunk}"
+    );
+
+    let mut s = TcpStream::connect(web).await.unwrap();
+    s.write_all(b"GET http://shop.example:8080/headers HTTP/1.1\r\nHost: wrong\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let seen: std::collections::BTreeMap<String, String> = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["host"], "shop.example:8080", "{seen:?}");
+
+    let connect = send_raw(
+        web,
+        b"CONNECT db.example:5432 HTTP/1.1\r\nHost: db.example:5432\r\n\r\n",
+    )
+    .await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
+    assert!(
+        connect.contains("x-ferry-error: connect-not-allowed"),
+        "{connect}"
+    );
+    // Still serving.
+    assert_eq!(raw(web, "GET", "/", "").await.0, 200);
+}
+
+/// Behind an inbound sidecar the app still learns who called it.
+#[tokio::test]
+async fn the_app_behind_an_inbound_listener_sees_the_caller_in_x_forwarded_for() {
+    let up = HttpUpstream::start("app").await.unwrap();
+    let doc = |extra: &str| {
+        format!(
+            "admin: 127.0.0.1:0\n{extra}listeners: [{{name: in, bind: \"127.0.0.1:0\", service: app, direction: inbound}}]\n\
+             services: {{app: {{endpoints: [\"{}\"]}}}}\n",
+            up.addr
+        )
+    };
+    let headers = |addr: SocketAddr, xff: Option<&'static str>| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let extra = xff
+            .map(|v| format!("X-Forwarded-For: {v}\r\n"))
+            .unwrap_or_default();
+        s.write_all(format!("GET /headers HTTP/1.1\r\nHost: app\r\n{extra}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (_, body) = read_response(&mut s).await;
+        serde_json::from_slice::<std::collections::BTreeMap<String, String>>(&body).unwrap()
+    };
+    let f = Ferry::start(&doc(""), &[], &[]);
+    let seen = headers(f.addr("in"), None).await;
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{seen:?}");
+    assert_eq!(seen["x-forwarded-proto"], "http", "{seen:?}");
+    let seen = headers(f.addr("in"), Some("203.0.113.7")).await;
+    assert_eq!(
+        seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1",
+        "{seen:?}"
+    );
+
+    let f = Ferry::start(&doc("forwarded-headers: off\n"), &[], &[]);
+    let seen = headers(f.addr("in"), None).await;
+    assert!(!seen.contains_key("x-forwarded-for"), "{seen:?}");
+}

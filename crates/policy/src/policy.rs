@@ -23,6 +23,10 @@ pub struct Policy {
     pub header_read_timeout: Option<Duration>,
     /// How long an HTTP/1 keep-alive connection may wait for its next request.
     pub idle_timeout: Option<Duration>,
+    /// Inbound HTTP: append the caller to `X-Forwarded-For` (default) or leave headers.
+    pub forwarded_headers: Option<bool>,
+    /// CONNECT requests: refused with 405 (default) or tunnelled.
+    pub http_connect: Option<bool>,
     pub drain_timeout: Option<Duration>,
     pub opaque_ports: Option<Vec<u16>>,
     pub listeners: Vec<Listener>,
@@ -170,6 +174,10 @@ impl Policy {
                 "detect-timeout" => p.detect_timeout = duration(v, k, &mut errs),
                 "header-read-timeout" => p.header_read_timeout = duration(v, k, &mut errs),
                 "idle-timeout" => p.idle_timeout = duration(v, k, &mut errs),
+                "forwarded-headers" => {
+                    p.forwarded_headers = choice(v, k, ["off", "append"], &mut errs)
+                }
+                "http-connect" => p.http_connect = choice(v, k, ["refuse", "tunnel"], &mut errs),
                 "drain-timeout" => p.drain_timeout = duration(v, k, &mut errs),
                 "opaque-ports" => p.opaque_ports = ports(v, k, &mut errs),
                 "listeners" => p.listeners = listeners(v, &mut errs),
@@ -186,7 +194,7 @@ impl Policy {
                 other => errs.push(FieldError::new(
                     other,
                     "",
-                    "is not a policy field (allowed: admin, detect-timeout, header-read-timeout, idle-timeout, drain-timeout, opaque-ports, listeners, defaults, services)",
+                    "is not a policy field (allowed: admin, detect-timeout, header-read-timeout, idle-timeout, drain-timeout, forwarded-headers, http-connect, opaque-ports, listeners, defaults, services)",
                 )),
             }
         }
@@ -228,6 +236,8 @@ impl Policy {
             detect_timeout: top.detect_timeout.or(self.detect_timeout),
             header_read_timeout: top.header_read_timeout.or(self.header_read_timeout),
             idle_timeout: top.idle_timeout.or(self.idle_timeout),
+            forwarded_headers: top.forwarded_headers.or(self.forwarded_headers),
+            http_connect: top.http_connect.or(self.http_connect),
             drain_timeout: top.drain_timeout.or(self.drain_timeout),
             opaque_ports: top
                 .opaque_ports
@@ -283,6 +293,14 @@ impl Policy {
         self.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT)
     }
 
+    pub fn forwarded_headers(&self) -> bool {
+        self.forwarded_headers.unwrap_or(true)
+    }
+
+    pub fn http_connect(&self) -> bool {
+        self.http_connect.unwrap_or(false)
+    }
+
     pub fn drain_timeout(&self) -> Duration {
         self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT)
     }
@@ -319,6 +337,18 @@ impl Policy {
             if let Some(d) = v {
                 m.insert(k.into(), json!(settings::format_duration(d)));
             }
+        }
+        if let Some(f) = self.forwarded_headers {
+            m.insert(
+                "forwarded-headers".into(),
+                json!(if f { "append" } else { "off" }),
+            );
+        }
+        if let Some(c) = self.http_connect {
+            m.insert(
+                "http-connect".into(),
+                json!(if c { "tunnel" } else { "refuse" }),
+            );
         }
         if let Some(p) = &self.opaque_ports {
             m.insert("opaque-ports".into(), json!(p));
@@ -471,6 +501,22 @@ fn duration(v: &Value, field: &str, errs: &mut Errors) -> Option<Duration> {
     settings::parse_duration(&s)
         .map_err(|m| errs.push(FieldError::new(field, &s, m)))
         .ok()
+}
+
+/// One of two words: `false` for the first, `true` for the second.
+fn choice(v: &Value, field: &str, words: [&str; 2], errs: &mut Errors) -> Option<bool> {
+    let s = scalar(v, field, errs)?;
+    match words.iter().position(|w| *w == s) {
+        Some(i) => Some(i == 1),
+        None => {
+            errs.push(FieldError::new(
+                field,
+                &s,
+                format!("is not allowed (allowed: {}, {})", words[0], words[1]),
+            ));
+            None
+        }
+    }
 }
 
 fn ports(v: &Value, field: &str, errs: &mut Errors) -> Option<Vec<u16>> {

@@ -59,6 +59,15 @@ fn classify(buf: &[u8]) -> Verdict {
     }
 }
 
+/// What [`detect`] decides from the bytes read so far; `None` means it waits for more.
+/// Public for the fuzzer (`tests/fuzz`), which has no other way to reach the pure part.
+pub fn classify_prefix(buf: &[u8]) -> Option<Protocol> {
+    match classify(buf) {
+        Verdict::Is(p) => Some(p),
+        Verdict::NeedMore => None,
+    }
+}
+
 /// Reads until the protocol is known. A client that says nothing within `window` is
 /// taken to wait for the server to speak first (databases, SMTP): opaque at once. A
 /// client whose first bytes may begin an HTTP/1 request line or the HTTP/2 preface is

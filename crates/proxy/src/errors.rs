@@ -22,6 +22,10 @@ pub enum ProxyError {
     UpstreamReset,
     #[error("no service is configured for this destination")]
     UnknownService,
+    #[error("the request was malformed")]
+    BadRequest,
+    #[error("CONNECT tunnels are not allowed here (policy http-connect: tunnel allows them)")]
+    ConnectNotAllowed,
 }
 
 impl ProxyError {
@@ -33,6 +37,8 @@ impl ProxyError {
             ProxyError::NoEndpoints => "no-endpoints",
             ProxyError::UpstreamReset => "upstream-reset",
             ProxyError::UnknownService => "unknown-service",
+            ProxyError::BadRequest => "bad-request",
+            ProxyError::ConnectNotAllowed => "connect-not-allowed",
         }
     }
 
@@ -40,14 +46,18 @@ impl ProxyError {
         match self {
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamReset => StatusCode::BAD_GATEWAY,
+            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
-    /// DEADLINE_EXCEEDED for timeouts, UNAVAILABLE otherwise.
+    /// DEADLINE_EXCEEDED for timeouts, INTERNAL for a malformed request, UNAVAILABLE
+    /// otherwise.
     pub fn grpc_status(self) -> u8 {
         match self {
             ProxyError::Timeout => 4,
+            ProxyError::BadRequest => 13,
             _ => 14,
         }
     }
@@ -96,6 +106,17 @@ impl ProxyError {
                 src = s.source();
             }
             return ProxyError::ConnectFailed;
+        }
+        // The client's own body failed (a malformed chunk, a reset): its fault, not the
+        // upstream's, so it is not counted against the upstream.
+        let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+        while let Some(s) = src {
+            if s.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_user)
+            {
+                return ProxyError::BadRequest;
+            }
+            src = s.source();
         }
         ProxyError::UpstreamReset
     }

@@ -49,6 +49,10 @@ pub struct ConnCtx {
     pub target: Target,
     /// Inbound connections get server spans; everything else client spans.
     pub inbound: bool,
+    /// Inbound: tell the app who called (`X-Forwarded-For`, `X-Forwarded-Proto`).
+    pub forwarded: bool,
+    /// CONNECT requests are tunnelled rather than refused.
+    pub allow_connect: bool,
     /// The service a `Dst` connection resolved to, and for which policy version.
     cached: ArcSwapOption<ServiceRt>,
 }
@@ -59,6 +63,8 @@ impl ConnCtx {
             peer,
             target,
             inbound,
+            forwarded: true,
+            allow_connect: false,
             cached: ArcSwapOption::empty(),
         }
     }
@@ -97,6 +103,9 @@ impl HttpProxy {
     async fn proxy(self, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
+        if req.method() == http::Method::CONNECT && !self.conn.allow_connect {
+            return ProxyError::ConnectNotAllowed.to_response(grpc);
+        }
         let Some(svc) = self.service().await else {
             return ProxyError::UnknownService.to_response(grpc);
         };
@@ -132,6 +141,16 @@ impl HttpProxy {
         };
         let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), true);
+        if req.version() <= Version::HTTP_11
+            && let Some(a) = req.uri().authority()
+            && let Ok(host) = HeaderValue::from_str(a.as_str())
+        {
+            // RFC 9112 §3.2.2: an absolute-form target's authority is the Host.
+            req.headers_mut().insert(header::HOST, host);
+        }
+        if self.conn.inbound && self.conn.forwarded {
+            forwarded_for(req.headers_mut(), self.conn.peer);
+        }
         if let Some(p) = upgrade {
             req.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -308,6 +327,25 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
         Box::pin(async move { Ok(this.proxy(req).await) })
     }
 }
+
+/// Appends the caller to `X-Forwarded-For` and sets `X-Forwarded-Proto` if unset, so
+/// the app behind the inbound sidecar still learns who called it.
+fn forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_canonical();
+    let value = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    if !h.contains_key(X_FORWARDED_PROTO) {
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The protocol a request asks to switch to, when it really asks (`Connection: upgrade`).
 fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {

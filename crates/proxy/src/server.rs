@@ -187,7 +187,7 @@ async fn serve_conn(
             (Target::Inbound(dst), false, Some(dst.port()))
         }
     };
-    let (detect_window, header_timeout, idle_timeout, opaque) = {
+    let (detect_window, header_timeout, idle_timeout, opaque, forwarded, allow_connect) = {
         let rt = shared.load();
         let p: &Policy = &rt.policy;
         let opaque_port = dst_port.is_some_and(|port| {
@@ -201,6 +201,8 @@ async fn serve_conn(
             p.header_read_timeout(),
             p.idle_timeout(),
             listener_opaque || opaque_port,
+            p.forwarded_headers(),
+            p.http_connect(),
         )
     };
     let (proto, prefix) = if opaque {
@@ -214,7 +216,10 @@ async fn serve_conn(
         listener.kind,
         ListenerKind::Inbound | ListenerKind::Service { inbound: true, .. }
     );
-    let ctx = Arc::new(ConnCtx::new(peer, target, inbound));
+    let mut ctx = ConnCtx::new(peer, target, inbound);
+    ctx.forwarded = forwarded;
+    ctx.allow_connect = allow_connect;
+    let ctx = Arc::new(ctx);
     match proto {
         Protocol::Opaque => {
             let (dst, connect_timeout) = opaque_dst(&shared, &ctx).await?;
