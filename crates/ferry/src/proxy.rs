@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry_admin::{AdminState, Control};
 use ferry_policy::annotations::{PodAnnotations, parse_downward_api};
-use ferry_policy::{Errors, FieldError, Policy};
+use ferry_policy::{Errors, FieldError, Policy, contract};
 use ferry_proxy::{ControllerDiscover, DefaultDiscover, Discover, Metrics, Proxy, Shared};
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -58,7 +58,7 @@ pub struct ProxyArgs {
     pub watch_interval: Duration,
 }
 
-const POD_ANNOTATIONS: &str = "/etc/ferry/annotations";
+const POD_ANNOTATIONS: &str = contract::ANNOTATIONS_FILE;
 
 pub fn main(args: ProxyArgs) -> anyhow::Result<()> {
     let set_level = init_logging(&args)?;
@@ -164,11 +164,12 @@ fn read(path: &Path) -> Result<String, Errors> {
 
 /// A pod sidecar's listeners: everything iptables redirects.
 fn pod_defaults() -> Policy {
-    let mut doc = String::from(
-        "admin: 0.0.0.0:15000\nlisteners:\n  - {name: outbound, bind: \"0.0.0.0:15001\", transparent: outbound}\n  - {name: inbound, bind: \"0.0.0.0:15006\", transparent: inbound}\n",
+    use contract::{ADMIN_PORT as A, INBOUND_PORT as I, OUTBOUND_PORT as O};
+    let mut doc = format!(
+        "admin: 0.0.0.0:{A}\nlisteners:\n  - {{name: outbound, bind: \"0.0.0.0:{O}\", transparent: outbound}}\n  - {{name: inbound, bind: \"0.0.0.0:{I}\", transparent: inbound}}\n",
     );
     if has_ipv6() {
-        doc.push_str("  - {name: outbound-v6, bind: \"[::]:15001\", transparent: outbound}\n  - {name: inbound-v6, bind: \"[::]:15006\", transparent: inbound}\n");
+        doc.push_str(&format!("  - {{name: outbound-v6, bind: \"[::]:{O}\", transparent: outbound}}\n  - {{name: inbound-v6, bind: \"[::]:{I}\", transparent: inbound}}\n"));
     }
     Policy::from_yaml(&doc).expect("built-in pod policy is valid")
 }

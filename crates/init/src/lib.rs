@@ -13,6 +13,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
+use ferry_policy::contract;
 use ferry_policy::settings::{parse_cidrs, parse_ports};
 
 /// Chains ferry owns in the nat table.
@@ -42,16 +43,16 @@ fn cidrs(s: &str) -> Result<Cidrs, String> {
 #[derive(clap::Args, Clone, Debug)]
 pub struct InitArgs {
     /// Where outbound connections are redirected (the sidecar's outbound listener).
-    #[arg(long, default_value_t = 15001)]
+    #[arg(long, default_value_t = contract::OUTBOUND_PORT)]
     pub outbound_port: u16,
     /// Where inbound connections are redirected (the sidecar's inbound listener).
-    #[arg(long, default_value_t = 15006)]
+    #[arg(long, default_value_t = contract::INBOUND_PORT)]
     pub inbound_port: u16,
     /// The sidecar's user id: its own connections are never redirected.
-    #[arg(long, default_value_t = 1337)]
+    #[arg(long, default_value_t = contract::PROXY_UID)]
     pub proxy_uid: u32,
     /// The admin port: inbound connections to it reach the sidecar directly.
-    #[arg(long, default_value_t = 15000)]
+    #[arg(long, default_value_t = contract::ADMIN_PORT)]
     pub admin_port: u16,
     /// Outbound destination ports left alone (comma separated).
     #[arg(long, value_parser = ports, default_value = "")]

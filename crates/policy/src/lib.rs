@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod annotations;
+pub mod contract;
 mod error;
 mod policy;
 pub mod settings;
