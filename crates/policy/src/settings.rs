@@ -179,135 +179,115 @@ impl fmt::Display for Formats {
     }
 }
 
-/// Fully resolved settings for one service or route: what a request runs under.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Settings {
-    pub lb: Lb,
-    pub hash_on: HashOn,
-    /// Whole-request deadline; `None` means no deadline but the client's own.
-    pub timeout: Option<Duration>,
-    pub connect_timeout: Duration,
-    pub retries: u32,
-    pub trace_propagation: Formats,
-    pub trace_sampling: f64,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            lb: Lb::P2cEwma,
-            hash_on: HashOn::SourceIp,
-            timeout: None,
-            connect_timeout: Duration::from_secs(1),
-            retries: 0,
-            trace_propagation: Formats::W3C,
-            trace_sampling: 1.0,
+/// Declares every per-service setting once: its field, type, key (the annotation
+/// `ferry.dev/<key>` and the policy file's word), default, parser and printer. From it
+/// come [`Settings`] (resolved), [`Overrides`] (one layer's), and their plumbing.
+macro_rules! settings {
+    ($(
+        $(#[$doc:meta])*
+        $field:ident: $ty:ty = $key:literal,
+            default $default:expr,
+            parse $parse:expr,
+            print $print:expr;
+    )*) => {
+        /// Fully resolved settings for one service or route: what a request runs under.
+        #[derive(Clone, Debug, PartialEq)]
+        pub struct Settings {
+            $( $(#[$doc])* pub $field: $ty, )*
         }
-    }
+
+        impl Default for Settings {
+            fn default() -> Self {
+                Settings { $( $field: $default, )* }
+            }
+        }
+
+        /// Settings one layer sets; `None` leaves the value of the layer below.
+        #[derive(Clone, Debug, Default, PartialEq)]
+        pub struct Overrides {
+            $( $(#[$doc])* pub $field: Option<$ty>, )*
+        }
+
+        impl Overrides {
+            /// The setting names, shared by annotations (`ferry.dev/<name>`) and policy files.
+            pub const KEYS: &'static [&'static str] = &[$( $key ),*];
+
+            /// Sets `key` from its string form. `Ok(false)` when `key` is not a setting.
+            pub fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
+                match key {
+                    $( $key => self.$field = Some(($parse)(value)?), )*
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            }
+
+            /// The set values as `(key, string form)`, in `KEYS` order.
+            pub fn entries(&self) -> Vec<(&'static str, String)> {
+                let mut out = Vec::new();
+                $( if let Some(v) = &self.$field { out.push(($key, ($print)(v))); } )*
+                out
+            }
+
+            /// `top` layered over `self`: each value `top` sets wins.
+            pub fn overlay(&self, top: &Overrides) -> Overrides {
+                Overrides { $( $field: top.$field.clone().or_else(|| self.$field.clone()), )* }
+            }
+
+            /// These overrides applied to `base`.
+            pub fn apply(&self, base: &Settings) -> Settings {
+                Settings {
+                    $( $field: self.$field.clone().unwrap_or_else(|| base.$field.clone()), )*
+                }
+            }
+        }
+    };
 }
 
-/// Settings one layer sets; `None` leaves the value of the layer below.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Overrides {
-    pub lb: Option<Lb>,
-    pub hash_on: Option<HashOn>,
-    /// `Some(None)` switches an inherited deadline off.
-    pub timeout: Option<Option<Duration>>,
-    pub connect_timeout: Option<Duration>,
-    pub retries: Option<u32>,
-    pub trace_propagation: Option<Formats>,
-    pub trace_sampling: Option<f64>,
+settings! {
+    lb: Lb = "lb",
+        default Lb::P2cEwma,
+        parse Lb::parse,
+        print |v: &Lb| v.to_string();
+    hash_on: HashOn = "hash-on",
+        default HashOn::SourceIp,
+        parse HashOn::parse,
+        print |v: &HashOn| v.to_string();
+    /// Whole-request deadline; `None` means no deadline but the client's own (an
+    /// override of `Some(None)` switches an inherited deadline off).
+    timeout: Option<Duration> = "timeout",
+        default None,
+        parse parse_timeout,
+        print |v: &Option<Duration>| format_timeout(*v);
+    connect_timeout: Duration = "connect-timeout",
+        default Duration::from_secs(1),
+        parse parse_connect_timeout,
+        print |v: &Duration| format_duration(*v);
+    retries: u32 = "retries",
+        default 0,
+        parse parse_retries,
+        print |v: &u32| v.to_string();
+    trace_propagation: Formats = "trace-propagation",
+        default Formats::W3C,
+        parse Formats::parse,
+        print |v: &Formats| v.to_string();
+    trace_sampling: f64 = "trace-sampling",
+        default 1.0,
+        parse parse_ratio,
+        print |v: &f64| v.to_string();
 }
 
 impl Overrides {
-    /// The setting names, shared by annotations (`ferry.dev/<name>`) and policy files.
-    pub const KEYS: [&'static str; 7] = [
-        "lb",
-        "hash-on",
-        "timeout",
-        "connect-timeout",
-        "retries",
-        "trace-propagation",
-        "trace-sampling",
-    ];
-
-    /// Sets `key` from its string form. `Ok(false)` when `key` is not a setting.
-    pub fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
-        match key {
-            "lb" => self.lb = Some(Lb::parse(value)?),
-            "hash-on" => self.hash_on = Some(HashOn::parse(value)?),
-            "timeout" => self.timeout = Some(parse_timeout(value)?),
-            "connect-timeout" => {
-                let d = parse_duration(value)?;
-                if d.is_zero() {
-                    return Err("must be greater than zero (examples: 250ms, 2s)".into());
-                }
-                self.connect_timeout = Some(d)
-            }
-            "retries" => self.retries = Some(parse_retries(value)?),
-            "trace-propagation" => self.trace_propagation = Some(Formats::parse(value)?),
-            "trace-sampling" => self.trace_sampling = Some(parse_ratio(value)?),
-            _ => return Ok(false),
-        }
-        Ok(true)
-    }
-
-    /// The set values as `(key, string form)`, in `KEYS` order.
-    pub fn entries(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if let Some(v) = self.lb {
-            out.push(("lb", v.to_string()));
-        }
-        if let Some(v) = &self.hash_on {
-            out.push(("hash-on", v.to_string()));
-        }
-        if let Some(v) = self.timeout {
-            out.push(("timeout", format_timeout(v)));
-        }
-        if let Some(v) = self.connect_timeout {
-            out.push(("connect-timeout", format_duration(v)));
-        }
-        if let Some(v) = self.retries {
-            out.push(("retries", v.to_string()));
-        }
-        if let Some(v) = self.trace_propagation {
-            out.push(("trace-propagation", v.to_string()));
-        }
-        if let Some(v) = self.trace_sampling {
-            out.push(("trace-sampling", v.to_string()));
-        }
-        out
-    }
-
     pub fn is_empty(&self) -> bool {
         *self == Overrides::default()
     }
+}
 
-    /// `top` layered over `self`: each value `top` sets wins.
-    pub fn overlay(&self, top: &Overrides) -> Overrides {
-        Overrides {
-            lb: top.lb.or(self.lb),
-            hash_on: top.hash_on.clone().or_else(|| self.hash_on.clone()),
-            timeout: top.timeout.or(self.timeout),
-            connect_timeout: top.connect_timeout.or(self.connect_timeout),
-            retries: top.retries.or(self.retries),
-            trace_propagation: top.trace_propagation.or(self.trace_propagation),
-            trace_sampling: top.trace_sampling.or(self.trace_sampling),
-        }
+fn parse_connect_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be greater than zero (examples: 250ms, 2s)".into());
     }
-
-    /// These overrides applied to `base`.
-    pub fn apply(&self, base: &Settings) -> Settings {
-        Settings {
-            lb: self.lb.unwrap_or(base.lb),
-            hash_on: self.hash_on.clone().unwrap_or_else(|| base.hash_on.clone()),
-            timeout: self.timeout.unwrap_or(base.timeout),
-            connect_timeout: self.connect_timeout.unwrap_or(base.connect_timeout),
-            retries: self.retries.unwrap_or(base.retries),
-            trace_propagation: self.trace_propagation.unwrap_or(base.trace_propagation),
-            trace_sampling: self.trace_sampling.unwrap_or(base.trace_sampling),
-        }
-    }
+    Ok(d)
 }
 
 const DURATION_HINT: &str = "is not a duration (examples: 250ms, 2s)";
