@@ -160,6 +160,7 @@ impl Mesh {
         if controller {
             set_child_env("FERRY_CONTROLLER", &format!("http://{CONTROLLER}"));
             set_child_env("FERRY_NODE_NAME", "node-a");
+            set_child_env("FERRY_DISCOVERY_IDLE", "2s");
         }
         let prefix = [
             "ip",
@@ -475,6 +476,46 @@ fn a_sidecar_balances_calls_to_a_cluster_ip_over_the_services_pods() {
         lags[lags.len() - 1]
     );
     assert!(lags.iter().all(|l| *l < Duration::from_secs(3)), "{lags:?}");
+
+    // Idle: the sidecar unsubscribes a destination no new connection asked for in
+    // --discovery-idle (2 s here), and the controller forgets it.
+    let subscriptions = |mesh: &Mesh| {
+        mesh.cluster.block_on(|| async {
+            let m = raw("127.0.0.1:9990".parse().unwrap(), "GET", "/metrics", "")
+                .await
+                .1;
+            m.lines()
+                .find_map(|l| l.strip_prefix("ferry_controller_subscriptions "))
+                .map(|v| v.trim().parse::<u64>().unwrap())
+                .unwrap_or_default()
+        })
+    };
+    assert!(subscriptions(&mesh) >= 1);
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(500));
+        // Any change makes the controller drop subscriptions nobody listens to.
+        mesh.kube(move |c| async move {
+            let name = format!("nudge-{n}");
+            let port = ServicePortSpec {
+                name: None,
+                port: 80,
+                target_port: 80.into(),
+                app_protocol: None,
+            };
+            create_service(&c, NS, &name, &[("app", "none")], &[port]).await;
+        });
+        n += 1;
+        if subscriptions(&mesh) == 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        subscriptions(&mesh),
+        0,
+        "the idle destination was never unsubscribed"
+    );
     drop(sidecar);
 }
 

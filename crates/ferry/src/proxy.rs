@@ -51,7 +51,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "FERRY_NODE_NAME", default_value = "")]
     pub node_name: String,
     /// A destination no new connection asked for in this long is unsubscribed.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "FERRY_DISCOVERY_IDLE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub discovery_idle: Duration,
     /// How often the policy and annotations files are checked for changes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
