@@ -213,7 +213,9 @@ fn validate_pod(pod: &Value) {
         .args(["--strict", "--quiet"])
         .arg(&f)
         .output()
-        .expect("kubernetes-validate is installed (pip install kubernetes-validate; tests/run.sh does)");
+        .expect(
+            "kubernetes-validate is installed (pip install kubernetes-validate; tests/run.sh does)",
+        );
     assert!(
         out.status.success(),
         "{}{}",
