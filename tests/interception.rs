@@ -6,13 +6,12 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::netns::{Namespaces, is_root, must};
+use support::netns::{Namespaces, as_proxy_user, ferry_for_proxy_user, is_root, must};
 use support::{Ferry, raw};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -160,14 +159,7 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
     });
 
     // A copy of the binary uid 1337 may run, and its policy.
-    let bin_dir = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    for d in [&bin_dir, &dir] {
-        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let bin = bin_dir.path().join("ferry");
-    std::fs::copy(env!("CARGO_BIN_EXE_ferry"), &bin).unwrap();
-    let bin = bin.display().to_string();
+    let (_bin_dir, bin, dir) = ferry_for_proxy_user();
     std::fs::write(
         dir.path().join("policy.yaml"),
         "admin: 0.0.0.0:15000\nopaque-ports: [7000]\nlisteners:\n  - {name: outbound, bind: \"0.0.0.0:15001\", transparent: outbound}\n  - {name: inbound, bind: \"0.0.0.0:15006\", transparent: inbound}\n  - {name: inbound-v6, bind: \"[::]:15006\", transparent: inbound}\n",
@@ -220,18 +212,7 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
     let dry = must(&[&bin, "init", "--dry-run"]);
     assert!(dry.contains("REDIRECT --to-ports 15001"), "{dry}");
 
-    let prefix = [
-        "ip",
-        "netns",
-        "exec",
-        ns.name(0),
-        "setpriv",
-        "--reuid",
-        "1337",
-        "--regid",
-        "1337",
-        "--clear-groups",
-    ];
+    let prefix = as_proxy_user(ns.name(0));
     let ferry = Ferry::start_bin(dir, &bin, &["--log-level", "warn"], &prefix);
     assert_eq!(ferry.addr("outbound").port(), 15001);
 

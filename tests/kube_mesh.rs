@@ -11,7 +11,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,7 +22,7 @@ use support::kube::{
     Cluster, ServicePortSpec, client_for, create_namespace, create_node, create_pod,
     create_service, force_delete_pod, mark_pod_terminating, set_pod_ready,
 };
-use support::netns::{Namespaces, is_root, must};
+use support::netns::{Namespaces, as_proxy_user, ferry_for_proxy_user, is_root, must};
 use support::{Ferry, raw, set_child_env};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -143,13 +142,7 @@ impl Mesh {
 
     /// Starts the client pod's sidecar as uid 1337, in transparent mode.
     fn sidecar(&self, controller: bool) -> Ferry {
-        let bin_dir = tempfile::tempdir().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        for d in [&bin_dir, &dir] {
-            std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        let bin = bin_dir.path().join("ferry");
-        std::fs::copy(env!("CARGO_BIN_EXE_ferry"), &bin).unwrap();
+        let (bin_dir, bin, dir) = ferry_for_proxy_user();
         // The Service's name is a policy key: round-robin for echo.ferry-demo only.
         let annotations = dir.path().join("annotations");
         std::fs::write(
@@ -162,20 +155,8 @@ impl Mesh {
             set_child_env("FERRY_NODE_NAME", "node-a");
             set_child_env("FERRY_DISCOVERY_IDLE", "2s");
         }
-        let prefix = [
-            "ip",
-            "netns",
-            "exec",
-            self.ns.name(CLIENT),
-            "setpriv",
-            "--reuid",
-            "1337",
-            "--regid",
-            "1337",
-            "--clear-groups",
-        ];
+        let prefix = as_proxy_user(self.ns.name(CLIENT));
         let a = annotations.display().to_string();
-        let bin = bin.display().to_string();
         let f = Ferry::run(dir, &bin, &["proxy", "--annotations", &a], &prefix);
         support::clear_child_env();
         std::mem::forget(bin_dir);

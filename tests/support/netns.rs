@@ -113,3 +113,34 @@ impl Drop for Namespaces {
         }
     }
 }
+
+/// A copy of the ferry binary the proxy's user (uid 1337) may run, and a folder it may
+/// read, for a sidecar started with [`as_proxy_user`]. Keep the first folder alive.
+pub fn ferry_for_proxy_user() -> (tempfile::TempDir, String, tempfile::TempDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin_dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for d in [&bin_dir, &dir] {
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let bin = bin_dir.path().join("ferry");
+    std::fs::copy(env!("CARGO_BIN_EXE_ferry"), &bin).unwrap();
+    let bin = bin.display().to_string();
+    (bin_dir, bin, dir)
+}
+
+/// Runs a command inside namespace `ns` as the proxy's user, as the injected sidecar runs.
+pub fn as_proxy_user(ns: &str) -> [&str; 10] {
+    [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "setpriv",
+        "--reuid",
+        "1337",
+        "--regid",
+        "1337",
+        "--clear-groups",
+    ]
+}
