@@ -1,44 +1,71 @@
 //! Runs the real `ferry-controller` binary against a test cluster.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The `ferry-controller` binary beside the `ferry` one cargo built for these tests,
-/// built (once per test process) with the same profile: it belongs to another package
-/// of the workspace, so cargo does not build it for this package's tests by itself.
+/// The `ferry-controller` binary, see [`workspace_bin`].
 pub fn controller_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let ferry = Path::new(env!("CARGO_BIN_EXE_ferry"));
-        let dir = ferry.parent().expect("the ferry binary has a folder");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "ferry-controller",
-            "--bin",
-            "ferry-controller",
-        ]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
+    workspace_bin("ferry-controller", "ferry-controller")
+}
+
+/// Binary `bin` of workspace package `package`, beside the `ferry` one cargo built for
+/// these tests, built (once per test process and binary) with the same profile: it belongs
+/// to another package, so cargo does not build it for this package's tests by itself.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    // Held while building, so parallel tests do not start parallel cargo runs.
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(bin) {
+        return path.clone();
+    }
+    let ferry = Path::new(env!("CARGO_BIN_EXE_ferry"));
+    let dir = ferry.parent().expect("the ferry binary has a folder");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    // The same target folder as the tests', wherever that is.
+    if let Some(target) = dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target);
+    }
+    // What cargo set for this test process is not the build's: with CARGO_MANIFEST_DIR
+    // inherited, ring's build script counts as changed, and this build and every plain
+    // `cargo build` would keep rebuilding the TLS stack for each other.
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(set_for_tests) {
+            cmd.env_remove(k);
         }
-        // The same target folder as the tests', wherever that is.
-        if let Some(target) = dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target);
-        }
-        let status = cmd
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "cargo build -p ferry-controller failed");
-        dir.join("ferry-controller")
-    })
-    .clone()
+    }
+    let status = cmd
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(
+        status.success(),
+        "cargo build -p {package} --bin {bin} failed"
+    );
+    let path = dir.join(bin);
+    built.insert(bin.to_string(), path.clone());
+    path
+}
+
+/// Variables cargo sets for a test process (never cargo configuration).
+fn set_for_tests(var: &str) -> bool {
+    const EXACT: [&str; 3] = [
+        "CARGO_CRATE_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+    ];
+    ["CARGO_PKG_", "CARGO_BIN_", "CARGO_MANIFEST_"]
+        .iter()
+        .any(|p| var.starts_with(p))
+        || EXACT.contains(&var)
 }
 
 pub struct Controller {

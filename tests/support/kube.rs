@@ -1,7 +1,8 @@
 //! A real Kubernetes control plane for tests: etcd, kube-apiserver and
-//! kube-controller-manager (EndpointSlice, ServiceAccount, Namespace and GC controllers),
-//! no kubelet. Tests make Nodes and Pods themselves and play the kubelet's part by patching
-//! Pod status. Helpers below create the objects; the controllers do the rest for real.
+//! kube-controller-manager (EndpointSlice, ServiceAccount, Namespace, GC, Deployment and
+//! ReplicaSet controllers), no scheduler, no kubelet. Tests make Nodes and Pods themselves
+//! (or bind the Pods controllers make) and play the kubelet's part by patching Pod status.
+//! Helpers below create the objects; the controllers do the rest for real.
 
 use std::fs::File;
 use std::future::Future;
@@ -180,8 +181,11 @@ impl Cluster {
             &bins.path("kube-controller-manager"),
             &[
                 format!("--kubeconfig={}", cluster.kubeconfig.display()),
+                // Deployments and ReplicaSets too, so a Deployment makes Pods (still no
+                // scheduler: tests bind them).
                 "--controllers=endpointslice-controller,endpointslice-mirroring-controller,\
-                 serviceaccount-controller,namespace-controller,garbage-collector-controller"
+                 serviceaccount-controller,namespace-controller,garbage-collector-controller,\
+                 deployment-controller,replicaset-controller"
                     .into(),
                 "--leader-elect=false".into(),
                 format!("--service-account-private-key-file={sa_key}"),
