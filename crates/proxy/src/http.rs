@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -55,6 +56,30 @@ pub struct ConnCtx {
     pub allow_connect: bool,
     /// The service a `Dst` connection resolved to, and for which policy version.
     cached: ArcSwapOption<ServiceRt>,
+    /// Requests, and those the client cancelled before their response (HTTP/2
+    /// RST_STREAM after the proxy took them on: h2's own reset limit does not see those).
+    requests: AtomicU32,
+    cancelled: AtomicU32,
+    /// Woken when cancellations look like an attack rather than a client's deadlines.
+    pub too_many_cancels: tokio::sync::Notify,
+}
+
+/// Cancelled requests after which an HTTP/2 connection is asked to go away, when they
+/// are also most of its requests (a client cancelling now and then is left alone).
+pub const MAX_CANCELLED: u32 = 100;
+
+/// Counts the request as cancelled if dropped before its response.
+struct OnCancel<'a>(Option<&'a ConnCtx>);
+
+impl Drop for OnCancel<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            let n = c.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+            if n >= MAX_CANCELLED && n * 2 > c.requests.load(Ordering::Relaxed) {
+                c.too_many_cancels.notify_one();
+            }
+        }
+    }
 }
 
 impl ConnCtx {
@@ -66,6 +91,9 @@ impl ConnCtx {
             forwarded: true,
             allow_connect: false,
             cached: ArcSwapOption::empty(),
+            requests: AtomicU32::new(0),
+            cancelled: AtomicU32::new(0),
+            too_many_cancels: tokio::sync::Notify::new(),
         }
     }
 }
@@ -100,7 +128,7 @@ impl HttpProxy {
         Some(svc)
     }
 
-    async fn proxy(self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn proxy(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         if req.method() == http::Method::CONNECT && !self.conn.allow_connect {
@@ -324,7 +352,13 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { Ok(this.proxy(req).await) })
+        Box::pin(async move {
+            this.conn.requests.fetch_add(1, Ordering::Relaxed);
+            let mut cancel = OnCancel(Some(&this.conn));
+            let resp = this.proxy(req).await;
+            cancel.0 = None;
+            Ok(resp)
+        })
     }
 }
 

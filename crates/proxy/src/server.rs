@@ -236,27 +236,38 @@ async fn serve_conn(
                 .keep_alive(true)
                 .serve_connection(io, svc)
                 .with_upgrades();
-            until_done(conn, &mut drain, |c| c.graceful_shutdown()).await?;
+            until_done(conn, &mut drain, std::future::pending(), |c| {
+                c.graceful_shutdown()
+            })
+            .await?;
         }
         Protocol::Http2 => {
             let io = TokioIo::new(Prefixed::new(prefix, stream));
-            let svc = HttpProxy::new(shared, ctx);
+            let svc = HttpProxy::new(shared, ctx.clone());
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
                 .adaptive_window(true)
                 .serve_connection(io, svc);
-            until_done(conn, &mut drain, |c| c.graceful_shutdown()).await?;
+            // A flood of streams cancelled after they were forwarded (rapid reset that
+            // waits for the proxy) ends like a drain: GOAWAY, streams in flight finish.
+            let flood = async {
+                ctx.too_many_cancels.notified().await;
+                tracing::debug!(%peer, "too many cancelled streams; sending GOAWAY");
+            };
+            until_done(conn, &mut drain, flood, |c| c.graceful_shutdown()).await?;
         }
     }
     Ok(())
 }
 
-/// Runs an HTTP connection to its end; once draining starts, asks it to finish
-/// gracefully (HTTP/1: after the request in flight; HTTP/2: GOAWAY) and waits.
+/// Runs an HTTP connection to its end; once draining starts or `stop` completes, asks
+/// it to finish gracefully (HTTP/1: after the request in flight; HTTP/2: GOAWAY) and
+/// waits.
 async fn until_done<C>(
     conn: C,
     drain: &mut Drain,
+    stop: impl Future<Output = ()>,
     shutdown: impl FnOnce(Pin<&mut C>),
 ) -> Result<(), hyper::Error>
 where
@@ -266,6 +277,10 @@ where
     tokio::select! {
         r = conn.as_mut() => r,
         _ = drained(drain) => {
+            shutdown(conn.as_mut());
+            conn.await
+        }
+        _ = stop => {
             shutdown(conn.as_mut());
             conn.await
         }

@@ -46,7 +46,11 @@ impl Clients {
         b.http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_while_idle(false)
-            .http2_adaptive_window(true);
+            // Fixed windows, not adaptive: clients share one pooled upstream connection,
+            // and one client that stops reading may hold at most its stream's window,
+            // never the whole connection's (which would stall everyone else's bodies).
+            .http2_initial_stream_window_size(256 * 1024)
+            .http2_initial_connection_window_size(1 << 30);
         let h2 = b.build(conn);
         Clients {
             h1,
