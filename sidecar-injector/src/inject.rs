@@ -486,9 +486,131 @@ fn init_container(ann: &PodAnnotations, admin: u16, cfg: &Config) -> Container {
     }
 }
 
-/// The JSON patch that turns `before` into `after`.
+/// The JSON patch that turns `before` into `after` (what [`inject`] made of it), as
+/// explicit additions. A diff would rewrite the pod's own init containers position by
+/// position, and any field this crate's model of a container does not know (a newer
+/// API server's) would move onto ferry's container and be lost from the user's.
 pub fn patch(before: &Pod, after: &Pod) -> json_patch::Patch {
-    let b = serde_json::to_value(before).expect("a pod serialises");
-    let a = serde_json::to_value(after).expect("a pod serialises");
-    json_patch::diff(&b, &a)
+    fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+        serde_json::to_value(v).expect("a pod's parts serialise")
+    }
+    let mut ops: Vec<serde_json::Value> = Vec::new();
+    let mut add = |path: String, value: serde_json::Value| {
+        ops.push(serde_json::json!({"op": "add", "path": path, "value": value}));
+    };
+    match (&before.spec, &after.spec) {
+        (None, Some(a)) => add("/spec".into(), json(a)),
+        (Some(b), Some(a)) => {
+            // Ferry's init containers go first; the pod's own follow unchanged.
+            let (bi, ai) = (
+                b.init_containers.as_deref().unwrap_or_default(),
+                a.init_containers.as_deref().unwrap_or_default(),
+            );
+            let ours = &ai[..ai.len().saturating_sub(bi.len())];
+            if b.init_containers.is_none() {
+                if !ours.is_empty() {
+                    add("/spec/initContainers".into(), json(&ours.to_vec()));
+                }
+            } else {
+                for (i, c) in ours.iter().enumerate() {
+                    add(format!("/spec/initContainers/{i}"), json(c));
+                }
+            }
+            for c in a.containers.iter().skip(b.containers.len()) {
+                add("/spec/containers/-".into(), json(c));
+            }
+            let bv = b.volumes.as_deref().unwrap_or_default();
+            let new_volumes: Vec<_> = a.volumes.iter().flatten().skip(bv.len()).cloned().collect();
+            if b.volumes.is_none() {
+                if !new_volumes.is_empty() {
+                    add("/spec/volumes".into(), json(&new_volumes));
+                }
+            } else {
+                for v in &new_volumes {
+                    add("/spec/volumes/-".into(), json(v));
+                }
+            }
+        }
+        _ => {}
+    }
+    let (ba, aa) = (&before.metadata.annotations, &after.metadata.annotations);
+    let new: BTreeMap<&String, &String> = aa
+        .iter()
+        .flatten()
+        .filter(|(k, v)| ba.as_ref().and_then(|b| b.get(*k)) != Some(*v))
+        .collect();
+    if ba.is_none() {
+        if !new.is_empty() {
+            add("/metadata/annotations".into(), json(&new));
+        }
+    } else {
+        for (k, v) in new {
+            let key = k.replace('~', "~0").replace('/', "~1");
+            add(format!("/metadata/annotations/{key}"), json(v));
+        }
+    }
+    serde_json::from_value(serde_json::Value::Array(ops)).expect("add operations form a patch")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The patch only adds: the pod's own containers, with fields this crate does not
+    /// model, come through untouched behind ferry's.
+    #[test]
+    fn the_patch_adds_and_never_rewrites_the_pods_own_containers() {
+        let raw = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web", "annotations": {"ferry.dev/inject": "enabled"}},
+            "spec": {
+                "initContainers": [{"name": "migrate", "image": "m", "futureField": {"x": 1}}],
+                "containers": [{"name": "app", "image": "a", "futureField": true}],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+            },
+        });
+        let pod: Pod = serde_json::from_value(raw.clone()).unwrap();
+        let Ok(Outcome::Injected(after)) = inject(&pod, "shop", false, &Config::default()) else {
+            panic!("not injected");
+        };
+        let mut patched = raw.clone();
+        json_patch::patch(&mut patched, &patch(&pod, &after)).unwrap();
+        let inits = patched["spec"]["initContainers"].as_array().unwrap();
+        let names: Vec<_> = inits.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names, [INIT, PROXY, "migrate"]);
+        assert_eq!(
+            inits[2], raw["spec"]["initContainers"][0],
+            "the pod's own, untouched"
+        );
+        assert!(inits[0].get("futureField").is_none());
+        assert_eq!(patched["spec"]["containers"], raw["spec"]["containers"]);
+        let vols: Vec<_> = patched["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(vols, ["data", PODINFO]);
+        assert_eq!(
+            patched["metadata"]["annotations"]["ferry.dev/inject"],
+            "enabled"
+        );
+        assert_eq!(patched["metadata"]["annotations"][INJECTED], VERSION);
+        // What the API server stores is what the injector meant.
+        let stored: Pod = serde_json::from_value(patched).unwrap();
+        assert_eq!(stored, *after);
+
+        // A pod with none of the lists gets them whole.
+        let bare = json!({"metadata": {"name": "b", "annotations": {"ferry.dev/inject": "enabled"}},
+                          "spec": {"containers": [{"name": "app", "image": "a"}]}});
+        let pod: Pod = serde_json::from_value(bare.clone()).unwrap();
+        let Ok(Outcome::Injected(after)) = inject(&pod, "shop", false, &Config::default()) else {
+            panic!("not injected");
+        };
+        let mut patched = bare;
+        json_patch::patch(&mut patched, &patch(&pod, &after)).unwrap();
+        assert_eq!(serde_json::from_value::<Pod>(patched).unwrap(), *after);
+    }
 }
