@@ -100,8 +100,7 @@ impl Hub {
 
     fn recompute(&self, ix: &Index, t: &Touched) {
         let mut subs = self.subs.lock().expect("subscriptions poisoned");
-        subs.retain(|_, s| s.tx.receiver_count() > 0);
-        self.metrics.subscriptions.set(subs.len() as i64);
+        self.forget_unheard(&mut subs);
         for ((dest, node), sub) in subs.iter_mut() {
             let now = ix.service_of(dest);
             let stale = t.all
@@ -144,7 +143,10 @@ impl Hub {
 
     /// Forgets subscriptions nobody listens to any more.
     pub fn sweep(&self) {
-        let mut subs = self.subs.lock().expect("subscriptions poisoned");
+        self.forget_unheard(&mut self.subs.lock().expect("subscriptions poisoned"));
+    }
+
+    fn forget_unheard(&self, subs: &mut HashMap<(Dest, String), Sub>) {
         subs.retain(|_, s| s.tx.receiver_count() > 0);
         self.metrics.subscriptions.set(subs.len() as i64);
     }

@@ -208,20 +208,24 @@ impl Runtime {
             })
             .clone()
     }
-
-    /// Clients for `settings`: the previous version's if the connect timeout is the
-    /// same (pooled connections survive a policy swap), else the default ones, else new.
-    fn clients_for(&self, prev: Option<&ServiceRt>, settings: &Settings) -> Clients {
-        clients_for(prev, &self.default_clients, settings)
-    }
 }
 
+/// Clients for `settings`: the previous version's if the connect timeout is the same
+/// (pooled connections survive a policy swap), else the default ones, else new.
 fn clients_for(prev: Option<&ServiceRt>, default: &Clients, settings: &Settings) -> Clients {
     match prev {
         Some(p) if p.clients.connect_timeout == settings.connect_timeout => p.clients.clone(),
         _ if default.connect_timeout == settings.connect_timeout => default.clone(),
         _ => Clients::new(settings.connect_timeout),
     }
+}
+
+/// A service's routes, each with its overrides applied to the service's settings.
+fn routes_for(spec: &ferry_policy::Service, settings: &Settings) -> Vec<(RouteMatch, Settings)> {
+    spec.routes
+        .iter()
+        .map(|r| (r.matcher.clone(), r.overrides.apply(settings)))
+        .collect()
 }
 
 fn duration_for(name: &str, metrics: &Metrics) -> AtomicHistogram {
@@ -244,6 +248,14 @@ struct DstEntry {
     svc: Option<(Arc<ServiceRt>, Arc<Resolved>)>,
     last_used: std::time::Instant,
     logged: bool,
+}
+
+impl DstEntry {
+    /// The service already built from `answer` for `version`, if any.
+    fn built(&self, version: u64, answer: &Arc<Resolved>) -> Option<Arc<ServiceRt>> {
+        let (svc, from) = self.svc.as_ref()?;
+        (svc.version == version && Arc::ptr_eq(from, answer)).then(|| svc.clone())
+    }
 }
 
 /// The proxy's shared state: the current runtime behind `arc-swap`, and what builds it.
@@ -372,11 +384,10 @@ impl Shared {
                 },
             };
             entry.last_used = std::time::Instant::now();
-            if let (Some((svc, from)), Some(now)) = (&entry.svc, &*entry.sub.borrow())
-                && svc.version == rt.version
-                && Arc::ptr_eq(from, now)
+            if let Some(now) = &*entry.sub.borrow()
+                && let Some(svc) = entry.built(rt.version, now)
             {
-                return svc.clone();
+                return svc;
             }
             entry.sub.clone()
         };
@@ -391,11 +402,9 @@ impl Shared {
         };
         match answer {
             Some(r) if r.found => {
-                if let Some((svc, from)) = &entry.svc
-                    && svc.version == rt.version
-                    && Arc::ptr_eq(from, &r)
-                {
-                    return svc.clone();
+                // Another connection may have built it while this one waited.
+                if let Some(svc) = entry.built(rt.version, &r) {
+                    return svc;
                 }
                 let prev = entry.svc.as_ref().map(|(s, _)| &**s);
                 let svc = self.discovered_service(rt, &r, prev, sub);
@@ -438,12 +447,7 @@ impl Shared {
             .policy
             .services
             .get(&*r.name)
-            .map(|spec| {
-                spec.routes
-                    .iter()
-                    .map(|x| (x.matcher.clone(), x.overrides.apply(&settings)))
-                    .collect()
-            })
+            .map(|spec| routes_for(spec, &settings))
             .unwrap_or_default();
         let old_eps = prev
             .filter(|p| p.name == r.name)
@@ -452,7 +456,7 @@ impl Shared {
         let eps = reuse_endpoints(&r.name, &r.addrs, &old_eps, &self.metrics);
         let token = CancellationToken::new();
         let svc = Arc::new(ServiceRt {
-            clients: rt.clients_for(prev, &settings),
+            clients: clients_for(prev, &rt.default_clients, &settings),
             retry_budget: prev
                 .map(|p| p.retry_budget.clone())
                 .unwrap_or_else(|| Arc::new(RetryBudget::new())),
@@ -528,11 +532,7 @@ fn compile(
     let mut by_addr = HashMap::new();
     for (name, spec) in &policy.services {
         let settings = policy.service_settings(name);
-        let routes = spec
-            .routes
-            .iter()
-            .map(|r| (r.matcher.clone(), r.overrides.apply(&settings)))
-            .collect();
+        let routes = routes_for(spec, &settings);
         let prev = old.and_then(|o| o.services.get(name)).map(|p| &**p);
         let clients = clients_for(prev, &default_clients, &settings);
         let name_arc: Arc<str> = Arc::from(name.as_str());
