@@ -201,18 +201,53 @@ async fn endpoints(State(s): State<AdminState>) -> Response {
             .endpoints
             .iter()
             .map(|e| {
+                let health = if e.is_ejected() {
+                    "ejected"
+                } else if e.consecutive_failures() > 0 {
+                    "failing"
+                } else {
+                    "healthy"
+                };
                 json!({
                     "address": e.addr.to_string(),
+                    "zone": e.place.zone.as_deref(),
+                    "region": e.place.region.as_deref(),
+                    "node": e.place.node.as_deref(),
+                    "tier": set.tier_of(e).as_str(),
                     "in_flight": e.in_flight(),
                     "latency_estimate_ms": e.rtt_estimate().as_secs_f64() * 1000.0,
                     "consecutive_failures": e.consecutive_failures(),
-                    "health": if e.consecutive_failures() == 0 { "healthy" } else { "failing" },
+                    "health": health,
                 })
             })
             .collect();
+        let view = set.locality();
+        let caller = &view.plan.caller;
+        let tiers: Vec<Json> = view
+            .tiers
+            .iter()
+            .map(|(tier, stats, share)| {
+                json!({
+                    "tier": tier.as_str(),
+                    "healthy": stats.healthy,
+                    "total": stats.total,
+                    "share": share,
+                })
+            })
+            .collect();
+        let locality = json!({
+            "mode": view.plan.mode(),
+            "caller": {
+                "zone": caller.zone.as_deref(),
+                "region": caller.region.as_deref(),
+                "node": caller.node.as_deref(),
+            },
+            "tiers": tiers,
+            "reason": view.reason,
+        });
         services.insert(
             svc.name.to_string(),
-            json!({"lb": set.lb().as_str(), "source": source, "endpoints": eps}),
+            json!({"lb": set.lb().as_str(), "source": source, "locality": locality, "endpoints": eps}),
         );
     }
     json_ok(json!({"version": rt.version, "services": services}))

@@ -85,7 +85,7 @@ impl PodAnnotations {
                     "container" => out.sidecar_mode = Some(SidecarMode::Container),
                     _ => fail("is not a sidecar mode (allowed: native, container)".into()),
                 },
-                "region" | "zone" => match label_value(value) {
+                "region" | "zone" => match settings::parse_locality_name(value) {
                     Ok(v) if name == "region" => out.region = Some(v),
                     Ok(v) => out.zone = Some(v),
                     Err(m) => fail(m),
@@ -157,21 +157,13 @@ impl PodAnnotations {
         if !self.redirect.opaque_ports.is_empty() {
             p.opaque_ports = Some(self.redirect.opaque_ports.clone());
         }
+        if self.region.is_some() {
+            p.locality.region = self.region.clone();
+        }
+        if self.zone.is_some() {
+            p.locality.zone = self.zone.clone();
+        }
         p
-    }
-}
-
-fn label_value(v: &str) -> Result<String, String> {
-    let ok = !v.is_empty()
-        && v.len() <= 63
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        && v.as_bytes()[0].is_ascii_alphanumeric()
-        && v.as_bytes()[v.len() - 1].is_ascii_alphanumeric();
-    if ok {
-        Ok(v.to_string())
-    } else {
-        Err("is not a locality name (letters, digits, - _ ., at most 63, such as eu-west-1)".into())
     }
 }
 

@@ -15,7 +15,8 @@ pub mod settings;
 pub use error::{Errors, FieldError};
 pub use policy::{
     DEFAULT_ADMIN, DEFAULT_DETECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, Endpoints, Listener, ListenerKind, Policy, Route, RouteMatch, Service,
+    DEFAULT_IDLE_TIMEOUT, Endpoints, Listener, ListenerKind, Locality, Policy, Route, RouteMatch,
+    Service, StaticEndpoint,
 };
 pub use settings::{Formats, HashOn, Lb, Overrides, Settings};
 

@@ -29,6 +29,9 @@ pub struct Policy {
     pub http_connect: Option<bool>,
     pub drain_timeout: Option<Duration>,
     pub opaque_ports: Option<Vec<u16>>,
+    /// This sidecar's own locality (`ferry.dev/region`, `zone`); in Kubernetes it
+    /// overrides what the node's labels say.
+    pub locality: Locality,
     pub listeners: Vec<Listener>,
     pub defaults: Overrides,
     pub services: BTreeMap<String, Service>,
@@ -66,9 +69,39 @@ pub struct Service {
     pub routes: Vec<Route>,
 }
 
+/// Where something runs: the `topology.kubernetes.io/region` and `zone` of its node, or
+/// what a policy says.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Locality {
+    pub region: Option<String>,
+    pub zone: Option<String>,
+}
+
+impl Locality {
+    pub fn is_empty(&self) -> bool {
+        self.region.is_none() && self.zone.is_none()
+    }
+}
+
+/// One address of a static endpoint list, with its locality if the policy gives one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaticEndpoint {
+    pub addr: SocketAddr,
+    pub locality: Locality,
+}
+
+impl From<SocketAddr> for StaticEndpoint {
+    fn from(addr: SocketAddr) -> Self {
+        StaticEndpoint {
+            addr,
+            locality: Locality::default(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoints {
-    Static(Vec<SocketAddr>),
+    Static(Vec<StaticEndpoint>),
     /// Resolved with DNS (A and AAAA) and re-resolved while the proxy runs.
     Dns {
         host: String,
@@ -180,6 +213,8 @@ impl Policy {
                 "http-connect" => p.http_connect = choice(v, k, ["refuse", "tunnel"], &mut errs),
                 "drain-timeout" => p.drain_timeout = duration(v, k, &mut errs),
                 "opaque-ports" => p.opaque_ports = ports(v, k, &mut errs),
+                "region" => p.locality.region = locality_name(v, k, &mut errs),
+                "zone" => p.locality.zone = locality_name(v, k, &mut errs),
                 "listeners" => p.listeners = listeners(v, &mut errs),
                 "defaults" => p.defaults = overrides(v, "defaults", &[], &mut errs).unwrap_or_default(),
                 "services" => {
@@ -194,7 +229,7 @@ impl Policy {
                 other => errs.push(FieldError::new(
                     other,
                     "",
-                    "is not a policy field (allowed: admin, detect-timeout, header-read-timeout, idle-timeout, drain-timeout, forwarded-headers, http-connect, opaque-ports, listeners, defaults, services)",
+                    "is not a policy field (allowed: admin, detect-timeout, header-read-timeout, idle-timeout, drain-timeout, forwarded-headers, http-connect, opaque-ports, region, zone, listeners, defaults, services)",
                 )),
             }
         }
@@ -243,6 +278,18 @@ impl Policy {
                 .opaque_ports
                 .clone()
                 .or_else(|| self.opaque_ports.clone()),
+            locality: Locality {
+                region: top
+                    .locality
+                    .region
+                    .clone()
+                    .or_else(|| self.locality.region.clone()),
+                zone: top
+                    .locality
+                    .zone
+                    .clone()
+                    .or_else(|| self.locality.zone.clone()),
+            },
             listeners: if top.listeners.is_empty() {
                 self.listeners.clone()
             } else {
@@ -353,6 +400,12 @@ impl Policy {
         if let Some(p) = &self.opaque_ports {
             m.insert("opaque-ports".into(), json!(p));
         }
+        if let Some(r) = &self.locality.region {
+            m.insert("region".into(), json!(r));
+        }
+        if let Some(z) = &self.locality.zone {
+            m.insert("zone".into(), json!(z));
+        }
         if !self.listeners.is_empty() {
             let ls: Vec<Json> = self
                 .listeners
@@ -388,8 +441,7 @@ impl Policy {
                 let mut o = overrides_json(&s.overrides);
                 match &s.endpoints {
                     Some(Endpoints::Static(eps)) => {
-                        o["endpoints"] =
-                            json!(eps.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+                        o["endpoints"] = eps.iter().map(static_endpoint_json).collect()
                     }
                     Some(Endpoints::Dns { host, port }) => {
                         o["dns"] = json!(format!("{host}:{port}"))
@@ -558,6 +610,76 @@ fn addrs(v: &Value, field: &str, errs: &mut Errors) -> Option<Vec<SocketAddr>> {
     Some(out)
 }
 
+/// Endpoints as addresses (`10.0.0.1:8080`) or mappings with a locality
+/// (`{address: 10.0.0.1:8080, zone: eu-west-1a, region: eu-west-1}`).
+fn static_endpoints(v: &Value, field: &str, errs: &mut Errors) -> Option<Vec<StaticEndpoint>> {
+    let Value::Sequence(items) = v else {
+        errs.push(FieldError::new(
+            field,
+            describe(v),
+            "must be a list of addresses",
+        ));
+        return None;
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        if !matches!(item, Value::Mapping(_)) {
+            if let Some(s) = scalar(item, &f, errs) {
+                out.extend(parse_addr(&s, &f, errs).map(StaticEndpoint::from));
+            }
+            continue;
+        }
+        let Some(m) = mapping(item, &f, errs) else {
+            continue;
+        };
+        let (mut addr, mut locality) = (None, Locality::default());
+        for (k, v) in m {
+            let kf = format!("{f}.{k}");
+            match k.as_str() {
+                "address" => addr = scalar(&v, &kf, errs).and_then(|s| parse_addr(&s, &kf, errs)),
+                "region" => locality.region = locality_name(&v, &kf, errs),
+                "zone" => locality.zone = locality_name(&v, &kf, errs),
+                _ => errs.push(FieldError::new(
+                    kf,
+                    "",
+                    "is not an endpoint field (allowed: address, zone, region)",
+                )),
+            }
+        }
+        match addr {
+            Some(addr) => out.push(StaticEndpoint { addr, locality }),
+            None => errs.push(FieldError::new(
+                format!("{f}.address"),
+                "",
+                "is required (an address such as 10.0.0.1:8080)",
+            )),
+        }
+    }
+    Some(out)
+}
+
+fn static_endpoint_json(e: &StaticEndpoint) -> Json {
+    if e.locality.is_empty() {
+        return json!(e.addr.to_string());
+    }
+    let mut o = json!({"address": e.addr.to_string()});
+    if let Some(z) = &e.locality.zone {
+        o["zone"] = json!(z);
+    }
+    if let Some(r) = &e.locality.region {
+        o["region"] = json!(r);
+    }
+    o
+}
+
+fn locality_name(v: &Value, field: &str, errs: &mut Errors) -> Option<String> {
+    let s = scalar(v, field, errs)?;
+    settings::parse_locality_name(&s)
+        .map_err(|m| errs.push(FieldError::new(field, &s, m)))
+        .ok()
+}
+
 /// Reads override settings from a mapping; keys in `extra` are left for the caller.
 fn overrides(v: &Value, field: &str, extra: &[&str], errs: &mut Errors) -> Option<Overrides> {
     let m = mapping(v, field, errs)?;
@@ -691,7 +813,8 @@ fn service(v: &Value, field: &str, errs: &mut Errors) -> Option<Service> {
     };
     let Value::Mapping(m) = v else { return None };
     if let Some(eps) = m.get("endpoints") {
-        s.endpoints = addrs(eps, &format!("{field}.endpoints"), errs).map(Endpoints::Static);
+        s.endpoints =
+            static_endpoints(eps, &format!("{field}.endpoints"), errs).map(Endpoints::Static);
     }
     if let Some(d) = m.get("dns") {
         let f = format!("{field}.dns");
@@ -804,6 +927,8 @@ mod tests {
 admin: 127.0.0.1:0
 detect-timeout: 50ms
 opaque-ports: [3306, 5432]
+zone: eu-west-1a
+region: eu-west-1
 listeners:
   - name: web
     bind: 127.0.0.1:4140
@@ -816,8 +941,11 @@ defaults:
   timeout: 3s
 services:
   web:
-    endpoints: [127.0.0.1:8081, "[::1]:8082"]
+    endpoints:
+      - 127.0.0.1:8081
+      - {address: "[::1]:8082", zone: eu-west-1b, region: eu-west-1}
     addresses: [10.96.0.12:8080]
+    locality: off
     lb: maglev
     hash-on: header:x-user-id
     routes:
@@ -837,8 +965,15 @@ services:
         assert_eq!(p.opaque_ports, Some(vec![3306, 5432]));
         assert_eq!(p.listeners.len(), 2);
         assert_eq!(p.listeners[1].kind, ListenerKind::Outbound);
+        assert_eq!(p.locality.zone.as_deref(), Some("eu-west-1a"));
         let web = &p.services["web"];
         assert_eq!(web.routes.len(), 2);
+        assert_eq!(web.overrides.locality, Some(false));
+        let Some(Endpoints::Static(eps)) = &web.endpoints else {
+            panic!("static endpoints")
+        };
+        assert!(eps[0].locality.is_empty());
+        assert_eq!(eps[1].locality.zone.as_deref(), Some("eu-west-1b"));
         assert!(web.routes[1].matcher.matches("/demo.Echo/Say"));
         assert!(!web.routes[1].matcher.matches("/demo.EchoX/Say"));
         let s = p.service_settings("web");
@@ -872,11 +1007,13 @@ services:
   web:
     timeout: banana
     lb: fastest
-    endpoints: [127.0.0.1]
+    endpoints: [127.0.0.1, {address: 127.0.0.1:1, zone: "a b", rack: 3}, {zone: a}]
+    locality: sometimes
     color: blue
     routes:
       - match: { path-prefix: api }
 bogus: 1
+zone: -a
 "#;
         let errs = Policy::from_yaml(doc).unwrap_err();
         let text = errs.to_string();
@@ -885,6 +1022,11 @@ bogus: 1
             "services.web.timeout: \"banana\" is not a duration (examples: 250ms, 2s, or off)",
             "services.web.lb: \"fastest\" is not a balancer",
             "services.web.endpoints[0]: \"127.0.0.1\" is not an address",
+            "services.web.endpoints[1].zone: \"a b\" is not a locality name",
+            "services.web.endpoints[1].rack: \"\" is not an endpoint field (allowed: address, zone, region)",
+            "services.web.endpoints[2].address: \"\" is required",
+            "services.web.locality: \"sometimes\" is not on or off",
+            "zone: \"-a\" is not a locality name",
             "services.web.color: \"\" is not a setting",
             "services.web.routes[0].match.path-prefix: \"api\" must start with /",
             "bogus: \"\" is not a policy field",
@@ -912,7 +1054,9 @@ bogus: 1
         let web = &m.services["web"];
         assert_eq!(
             web.endpoints,
-            Some(Endpoints::Static(vec!["127.0.0.1:9".parse().unwrap()]))
+            Some(Endpoints::Static(vec![
+                "127.0.0.1:9".parse::<SocketAddr>().unwrap().into()
+            ]))
         );
         assert_eq!(web.overrides.lb, Some(Lb::Maglev));
         assert_eq!(

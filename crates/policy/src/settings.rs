@@ -270,6 +270,12 @@ settings! {
         default Formats::W3C,
         parse Formats::parse,
         print |v: &Formats| v.to_string();
+    /// Prefer endpoints near this sidecar (same zone, then region), spilling over when
+    /// they fail or are overloaded.
+    locality: bool = "locality",
+        default true,
+        parse parse_on_off,
+        print |v: &bool| if *v { "on".to_string() } else { "off".to_string() };
     trace_sampling: f64 = "trace-sampling",
         default 1.0,
         parse parse_ratio,
@@ -313,6 +319,29 @@ pub fn parse_timeout(s: &str) -> Result<Option<Duration>, String> {
 
 pub fn format_timeout(t: Option<Duration>) -> String {
     t.map(format_duration).unwrap_or_else(|| "off".into())
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.trim() {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err("is not on or off".into()),
+    }
+}
+
+/// A zone or region name: a Kubernetes label value.
+pub fn parse_locality_name(v: &str) -> Result<String, String> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && v.as_bytes()[0].is_ascii_alphanumeric()
+        && v.as_bytes()[v.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err("is not a locality name (letters, digits, - _ ., at most 63, such as eu-west-1)".into())
+    }
 }
 
 fn parse_retries(s: &str) -> Result<u32, String> {

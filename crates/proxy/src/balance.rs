@@ -1,17 +1,22 @@
 //! Endpoints and the balancers that choose among them.
 //!
-//! An [`EndpointSet`] is immutable once built: its hash tables are computed when the
-//! set or the algorithm changes, so a pick is a few atomic loads and no lock.
+//! An [`EndpointSet`] is immutable once built: its locality tiers and hash tables are
+//! computed when the set or the algorithm changes, so a pick is a few atomic loads and
+//! no lock. With more than one tier, a pick first chooses a tier by the shares of
+//! [`crate::locality`], recomputed at most every 100 ms, then an endpoint within it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_policy::Lb;
 use http::uri::Authority;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::locality::{LocalityState, Place, Plan, Tier, TierStats};
 use crate::metrics::StatusCounters;
 
 /// Latency assumed for an endpoint that has not answered yet.
@@ -22,12 +27,20 @@ const EJECT_BASE: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(30);
 /// How fast the peak-EWMA estimate forgets a slow response.
 const DECAY: Duration = Duration::from_secs(10);
+/// An ejected endpoint is probed with a TCP connect this often, so one that comes back
+/// takes traffic again within about this long rather than after its backoff.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How often the tier shares are recomputed from endpoint health and latency.
+const REFRESH: Duration = Duration::from_millis(100);
 
 /// One upstream address, with the load it carries now and its latency estimate.
 /// Shared across policy versions so counts and estimates survive a reload.
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub authority: Authority,
+    pub place: Place,
+    /// EndpointSlice `hints.forZones`.
+    pub hints: Arc<[Arc<str>]>,
     in_flight: AtomicUsize,
     /// Peak-EWMA latency in nanoseconds, as f64 bits.
     rtt_ns: AtomicU64,
@@ -37,6 +50,7 @@ pub struct Endpoint {
     failures: AtomicU32,
     /// Until when balancers pass this endpoint over, in `now_ns()` time.
     ejected_until: AtomicU64,
+    probing: AtomicBool,
     pub statuses: StatusCounters,
 }
 
@@ -50,17 +64,25 @@ fn now_ns() -> u64 {
 }
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, statuses: StatusCounters) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        place: Place,
+        hints: Arc<[Arc<str>]>,
+        statuses: StatusCounters,
+    ) -> Self {
         let authority = Authority::try_from(addr.to_string().as_str())
             .expect("a socket address is an authority");
         Endpoint {
             addr,
             authority,
+            place,
+            hints,
             in_flight: AtomicUsize::new(0),
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(now_ns()),
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
             statuses,
         }
     }
@@ -82,8 +104,9 @@ impl Endpoint {
 
     /// After a few consecutive connection failures the endpoint is passed over for a
     /// while, doubling with each further failure (up to 30 s); a request after that
-    /// probes it again.
-    pub fn connect_failed(&self) {
+    /// tries it again, and meanwhile a TCP probe every second returns it as soon as it
+    /// accepts connections.
+    pub fn connect_failed(self: &Arc<Self>) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= EJECT_AFTER {
             let backoff = EJECT_BASE
@@ -91,7 +114,42 @@ impl Endpoint {
                 .min(EJECT_MAX);
             self.ejected_until
                 .store(now_ns() + backoff.as_nanos() as u64, Ordering::Relaxed);
+            self.probe();
         }
+    }
+
+    /// Connects every [`PROBE_EVERY`] until a connect succeeds, requests succeed again,
+    /// or the endpoint is gone. One probe task per endpoint.
+    fn probe(self: &Arc<Self>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.probing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let (addr, timeout) = (self.addr, EJECT_BASE);
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                if weak.upgrade().is_none_or(|e| e.consecutive_failures() == 0) {
+                    break;
+                }
+                let up = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if up {
+                    if let Some(e) = weak.upgrade() {
+                        tracing::info!(endpoint = %addr, "endpoint accepts connections again");
+                        e.connected();
+                    }
+                    break;
+                }
+            }
+            if let Some(e) = weak.upgrade() {
+                e.probing.store(false, Ordering::Relaxed);
+            }
+        });
     }
 
     pub fn is_ejected(&self) -> bool {
@@ -155,9 +213,264 @@ impl Drop for InFlight {
     }
 }
 
-/// The endpoints of a service as one balancer sees them.
+/// The endpoints of a service as its balancer sees them, in locality tiers.
 pub struct EndpointSet {
+    /// Every endpoint, in the order discovery or the policy gave them.
     pub endpoints: Vec<Arc<Endpoint>>,
+    lb: Lb,
+    /// Non-empty tiers, nearest first; one when locality does not apply.
+    tiers: Vec<TierPool>,
+    plan: Plan,
+    locality: Arc<LocalityState>,
+    /// Cumulative shares per tier, in 1/65536, and when they were computed.
+    cum: [AtomicU32; 4],
+    computed_ns: AtomicU64,
+}
+
+struct TierPool {
+    tier: Tier,
+    pool: Pool,
+    requests: Option<Counter>,
+    share: Option<Gauge<f64, AtomicU64>>,
+}
+
+/// What `/endpoints` shows of a set's locality.
+pub struct LocalityView {
+    pub plan: Plan,
+    /// Per non-empty tier: its stats and planned share.
+    pub tiers: Vec<(Tier, TierStats, f64)>,
+    pub reason: String,
+}
+
+const SHARE_ONE: f64 = 65536.0;
+
+impl EndpointSet {
+    pub fn new(
+        endpoints: Vec<Arc<Endpoint>>,
+        lb: Lb,
+        plan: &Plan,
+        locality: &Arc<LocalityState>,
+    ) -> Self {
+        let places: Vec<(&Place, &[Arc<str>])> =
+            endpoints.iter().map(|e| (&e.place, &*e.hints)).collect();
+        let of = plan.tiers(&places);
+        let mut kinds: Vec<Tier> = of.clone();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let tiers = kinds
+            .into_iter()
+            .map(|tier| {
+                let members = endpoints
+                    .iter()
+                    .zip(&of)
+                    .filter(|(_, t)| **t == tier)
+                    .map(|(e, _)| e.clone())
+                    .collect();
+                let (requests, share) = locality.handles(tier).unzip();
+                TierPool {
+                    tier,
+                    pool: Pool::new(members, lb),
+                    requests,
+                    share,
+                }
+            })
+            .collect();
+        EndpointSet {
+            endpoints,
+            lb,
+            tiers,
+            plan: plan.clone(),
+            locality: locality.clone(),
+            cum: Default::default(),
+            computed_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub fn lb(&self) -> Lb {
+        self.lb
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// The tier `e` is in.
+    pub fn tier_of(&self, e: &Arc<Endpoint>) -> Tier {
+        self.tiers
+            .iter()
+            .find(|t| t.pool.endpoints.iter().any(|m| Arc::ptr_eq(m, e)))
+            .map_or(Tier::Any, |t| t.tier)
+    }
+
+    /// Chooses an endpoint. `key` is the request's hash key (hash balancers only).
+    /// `avoid` is an endpoint a retry should not go back to, when there is another;
+    /// a retry also prefers endpoints with no recent connection failure.
+    pub fn pick<'a>(
+        &'a self,
+        key: Option<u64>,
+        avoid: Option<&Arc<Endpoint>>,
+    ) -> Option<&'a Arc<Endpoint>> {
+        let (first, rest) = match self.tiers.as_slice() {
+            [] => return None,
+            [only] => (only, &[][..]),
+            _ => (&self.tiers[self.choose_tier(key)], &self.tiers[..]),
+        };
+        let retry = avoid.is_some();
+        let not_avoided = |e: &Arc<Endpoint>| !avoid.is_some_and(|a| Arc::ptr_eq(a, e));
+        let fresh = |e: &Arc<Endpoint>| {
+            !e.is_ejected() && not_avoided(e) && (!retry || e.consecutive_failures() == 0)
+        };
+        let usable = |e: &Arc<Endpoint>| !e.is_ejected() && not_avoided(e);
+        let i = first.pool.choose(key);
+        let others = || rest.iter().filter(|t| !std::ptr::eq(*t, first));
+        let in_tier = |t: &'a TierPool, ok: &dyn Fn(&Arc<Endpoint>) -> bool| {
+            let at = if std::ptr::eq(t, first) {
+                i
+            } else {
+                t.pool.choose(key)
+            };
+            t.pool.from(at, ok).map(|e| (t, e))
+        };
+        // The chosen tier, then the others nearest first; then the same with looser terms.
+        let (t, e) = in_tier(first, &fresh)
+            .or_else(|| others().find_map(|t| in_tier(t, &fresh)))
+            .or_else(|| in_tier(first, &usable))
+            .or_else(|| others().find_map(|t| in_tier(t, &usable)))
+            .unwrap_or_else(|| {
+                // Nothing usable: the balancer's choice anyway, unless a retry avoids it.
+                let n = first.pool.endpoints.len();
+                let chosen = &first.pool.endpoints[i];
+                let e = match avoid {
+                    Some(a) if Arc::ptr_eq(a, chosen) && n > 1 => {
+                        &first.pool.endpoints[(i + 1) % n]
+                    }
+                    _ => chosen,
+                };
+                (first, e)
+            });
+        if let Some(c) = &t.requests {
+            c.inc();
+        }
+        Some(e)
+    }
+
+    /// A tier by the current shares: at random, or by the hash key, so a key keeps its
+    /// tier (and so its endpoint) while the shares stay.
+    fn choose_tier(&self, key: Option<u64>) -> usize {
+        let now = now_ns();
+        let at = self.computed_ns.load(Ordering::Relaxed);
+        if (at == 0 || now.saturating_sub(at) >= REFRESH.as_nanos() as u64)
+            && self
+                .computed_ns
+                .compare_exchange(at, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.recompute(now);
+        }
+        let r = match key {
+            Some(k) => (k >> 48) as u32,
+            None => fastrand::u32(..1 << 16),
+        };
+        self.cum[..self.tiers.len()]
+            .iter()
+            .position(|c| r < c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    fn stats(&self, now: u64) -> Vec<TierStats> {
+        self.tiers
+            .iter()
+            .map(|t| {
+                let healthy: Vec<&Arc<Endpoint>> = t
+                    .pool
+                    .endpoints
+                    .iter()
+                    .filter(|e| !e.is_ejected())
+                    .collect();
+                let cost_ms = if healthy.is_empty() {
+                    0.0
+                } else {
+                    healthy.iter().map(|e| e.ewma_cost(now)).sum::<f64>()
+                        / healthy.len() as f64
+                        / 1e6
+                };
+                TierStats {
+                    healthy: healthy.len(),
+                    total: t.pool.endpoints.len(),
+                    cost_ms,
+                }
+            })
+            .collect()
+    }
+
+    /// Recomputes the tier shares and publishes them.
+    fn recompute(&self, now: u64) -> (Vec<TierStats>, Vec<f64>, String) {
+        let stats = self.stats(now);
+        let kinds: Vec<Tier> = self.tiers.iter().map(|t| t.tier).collect();
+        let (shares, reason) = self.locality.place(&kinds, &stats, &self.plan.caller);
+        let mut acc = 0.0;
+        for (i, s) in shares.iter().enumerate() {
+            acc += s;
+            let c = if i + 1 == shares.len() {
+                u32::MAX
+            } else {
+                (acc * SHARE_ONE).round() as u32
+            };
+            self.cum[i].store(c, Ordering::Relaxed);
+            if let Some(g) = &self.tiers[i].share {
+                g.set(*s);
+            }
+        }
+        (stats, shares, reason)
+    }
+
+    /// The locality as it stands now, for `/endpoints`.
+    pub fn locality(&self) -> LocalityView {
+        let now = now_ns();
+        let (tiers, reason) = if self.tiers.len() > 1 {
+            let (stats, shares, reason) = self.recompute(now);
+            let tiers = self
+                .tiers
+                .iter()
+                .zip(stats)
+                .zip(shares)
+                .map(|((t, s), sh)| (t.tier, s, sh))
+                .collect();
+            (tiers, reason)
+        } else {
+            let stats = self.stats(now);
+            let reason = match self.tiers.first() {
+                Some(t) if t.tier == Tier::Any && !self.plan.on => "locality off".to_string(),
+                Some(t) if t.tier == Tier::Any => {
+                    "this sidecar's zone and region are unknown".to_string()
+                }
+                Some(t) => format!(
+                    "{}: {} of {} endpoints healthy",
+                    t.tier.describe(&self.plan.caller),
+                    stats[0].healthy,
+                    stats[0].total
+                ),
+                None => "no endpoints".to_string(),
+            };
+            let tiers = self
+                .tiers
+                .iter()
+                .zip(stats)
+                .map(|(t, s)| (t.tier, s, 1.0))
+                .collect();
+            (tiers, reason)
+        };
+        LocalityView {
+            plan: self.plan.clone(),
+            tiers,
+            reason,
+        }
+    }
+}
+
+/// The endpoints of one tier, with the balancer's table over them.
+struct Pool {
+    endpoints: Vec<Arc<Endpoint>>,
     lb: Lb,
     next: AtomicUsize,
     table: HashTable,
@@ -176,14 +489,14 @@ const RING_REPLICAS: u32 = 160;
 /// the spread even up to about 150 endpoints and a rebuild on a policy swap cheap.
 const MAGLEV_SIZE: usize = 16_381;
 
-impl EndpointSet {
-    pub fn new(endpoints: Vec<Arc<Endpoint>>, lb: Lb) -> Self {
+impl Pool {
+    fn new(endpoints: Vec<Arc<Endpoint>>, lb: Lb) -> Self {
         let table = match lb {
             Lb::RingHash if !endpoints.is_empty() => HashTable::Ring(build_ring(&endpoints)),
             Lb::Maglev if !endpoints.is_empty() => HashTable::Maglev(build_maglev(&endpoints)),
             _ => HashTable::None,
         };
-        EndpointSet {
+        Pool {
             endpoints,
             lb,
             next: AtomicUsize::new(0),
@@ -191,22 +504,13 @@ impl EndpointSet {
         }
     }
 
-    pub fn lb(&self) -> Lb {
-        self.lb
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
-    }
-
-    /// Chooses an endpoint. `key` is the request's hash key (hash balancers only).
-    /// `avoid` is an endpoint a retry should not go back to, when there is another.
-    pub fn pick(&self, key: Option<u64>, avoid: Option<&Arc<Endpoint>>) -> Option<&Arc<Endpoint>> {
+    /// The balancer's choice, before health is considered.
+    fn choose(&self, key: Option<u64>) -> usize {
         let n = self.endpoints.len();
         if n <= 1 {
-            return self.endpoints.first();
+            return 0;
         }
-        let i = match (&self.table, key) {
+        match (&self.table, key) {
             (HashTable::Ring(ring), Some(k)) => {
                 let at = ring.partition_point(|(h, _)| *h < k);
                 ring[at % ring.len()].1 as usize
@@ -234,23 +538,13 @@ impl EndpointSet {
                     if cb < ca { b } else { a }
                 }
             },
-        };
-        // Pass over an ejected endpoint or the one a retry avoids, when another will do.
-        let usable =
-            |e: &Arc<Endpoint>| !e.is_ejected() && !avoid.is_some_and(|a| Arc::ptr_eq(a, e));
-        if usable(&self.endpoints[i]) {
-            return Some(&self.endpoints[i]);
         }
-        (1..n)
-            .map(|k| &self.endpoints[(i + k) % n])
-            .find(|e| usable(e))
-            .or_else(|| {
-                let chosen = &self.endpoints[i];
-                match avoid {
-                    Some(a) if Arc::ptr_eq(a, chosen) => Some(&self.endpoints[(i + 1) % n]),
-                    _ => Some(chosen),
-                }
-            })
+    }
+
+    /// The first endpoint from `i` on that `ok` accepts.
+    fn from(&self, i: usize, ok: impl Fn(&Arc<Endpoint>) -> bool) -> Option<&Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        (0..n).map(|k| &self.endpoints[(i + k) % n]).find(|e| ok(e))
     }
 }
 
@@ -329,16 +623,49 @@ mod tests {
     use crate::metrics::Metrics;
 
     fn endpoints(n: u16) -> Vec<Arc<Endpoint>> {
+        (0..n).map(|i| endpoint(i, None)).collect()
+    }
+
+    fn endpoint(i: u16, zone: Option<&str>) -> Arc<Endpoint> {
         let m = Metrics::default();
-        (0..n)
-            .map(|i| {
-                let addr: SocketAddr = format!("127.0.0.1:{}", 9000 + i).parse().unwrap();
-                Arc::new(Endpoint::new(
-                    addr,
-                    StatusCounters::new(&m.requests, "t".into(), addr.to_string()),
-                ))
-            })
-            .collect()
+        let addr: SocketAddr = format!("127.0.0.1:{}", 9000 + i).parse().unwrap();
+        let place = Place {
+            zone: zone.map(Arc::from),
+            region: zone.map(|_| Arc::from("r1")),
+            node: None,
+        };
+        Arc::new(Endpoint::new(
+            addr,
+            place,
+            Arc::from(Vec::new()),
+            StatusCounters::new(&m.requests, "t".into(), addr.to_string()),
+        ))
+    }
+
+    fn flat(eps: Vec<Arc<Endpoint>>, lb: Lb) -> EndpointSet {
+        let state = LocalityState::new("t".into(), &Metrics::default());
+        EndpointSet::new(eps, lb, &Plan::off(), &state)
+    }
+
+    /// Two endpoints in zone a, two in zone b (region r1); the caller is in zone a.
+    fn zoned(lb: Lb) -> EndpointSet {
+        let eps = vec![
+            endpoint(0, Some("a")),
+            endpoint(1, Some("a")),
+            endpoint(2, Some("b")),
+            endpoint(3, Some("b")),
+        ];
+        let plan = Plan {
+            on: true,
+            prefer_node: false,
+            caller: Place {
+                zone: Some("a".into()),
+                region: Some("r1".into()),
+                node: None,
+            },
+        };
+        let state = LocalityState::new("t".into(), &Metrics::default());
+        EndpointSet::new(eps, lb, &plan, &state)
     }
 
     fn owner(set: &EndpointSet, key: u64) -> SocketAddr {
@@ -347,7 +674,7 @@ mod tests {
 
     #[test]
     fn round_robin_is_exactly_even() {
-        let set = EndpointSet::new(endpoints(3), Lb::RoundRobin);
+        let set = flat(endpoints(3), Lb::RoundRobin);
         let mut counts = [0; 3];
         for _ in 0..300 {
             counts[(set.pick(None, None).unwrap().addr.port() - 9000) as usize] += 1;
@@ -359,8 +686,8 @@ mod tests {
     fn hash_balancers_move_only_the_keys_of_a_removed_endpoint() {
         for lb in [Lb::RingHash, Lb::Maglev] {
             let all = endpoints(5);
-            let before = EndpointSet::new(all.clone(), lb);
-            let after = EndpointSet::new(all[..4].to_vec(), lb);
+            let before = flat(all.clone(), lb);
+            let after = flat(all[..4].to_vec(), lb);
             let removed = all[4].addr;
             let (mut moved, mut on_removed) = (0, 0);
             let keys = 10_000;
@@ -385,7 +712,7 @@ mod tests {
         let eps = endpoints(2);
         eps[0].observe(Duration::from_millis(200));
         eps[1].observe(Duration::from_micros(500));
-        let set = EndpointSet::new(eps, Lb::P2cEwma);
+        let set = flat(eps, Lb::P2cEwma);
         for _ in 0..50 {
             assert_eq!(set.pick(None, None).unwrap().addr.port(), 9001);
         }
@@ -395,7 +722,7 @@ mod tests {
     fn least_request_prefers_the_idle_endpoint() {
         let eps = endpoints(2);
         let _busy: Vec<_> = (0..3).map(|_| eps[0].start()).collect();
-        let set = EndpointSet::new(eps.clone(), Lb::LeastRequest);
+        let set = flat(eps.clone(), Lb::LeastRequest);
         assert_eq!(set.pick(None, None).unwrap().addr.port(), 9001);
         drop(_busy);
         assert_eq!(eps[0].in_flight(), 0);
@@ -403,7 +730,7 @@ mod tests {
 
     #[test]
     fn an_endpoint_failing_to_connect_is_passed_over_until_it_recovers() {
-        let set = EndpointSet::new(endpoints(2), Lb::RoundRobin);
+        let set = flat(endpoints(2), Lb::RoundRobin);
         for _ in 0..EJECT_AFTER {
             set.endpoints[0].connect_failed();
         }
@@ -427,10 +754,51 @@ mod tests {
 
     #[test]
     fn a_retry_avoids_the_endpoint_that_failed() {
-        let set = EndpointSet::new(endpoints(2), Lb::Random);
+        let set = flat(endpoints(2), Lb::Random);
         let first = set.endpoints[0].clone();
         for _ in 0..20 {
             assert_eq!(set.pick(None, Some(&first)).unwrap().addr.port(), 9001);
         }
+    }
+
+    #[tokio::test]
+    async fn traffic_stays_in_zone_and_fails_over_when_the_zone_is_ejected() {
+        for lb in Lb::ALL {
+            let set = zoned(lb);
+            let zone_of = |e: &Arc<Endpoint>| e.place.zone.as_deref().unwrap().to_string();
+            for k in 0..200u64 {
+                let key = lb.is_hash().then(|| hash_key(&k.to_le_bytes()));
+                assert_eq!(zone_of(set.pick(key, None).unwrap()), "a", "{lb}");
+            }
+            for e in &set.endpoints[..2] {
+                for _ in 0..EJECT_AFTER {
+                    e.connect_failed();
+                }
+            }
+            // Wait out the cached shares.
+            tokio::time::sleep(REFRESH + Duration::from_millis(10)).await;
+            for k in 0..200u64 {
+                let key = lb.is_hash().then(|| hash_key(&k.to_le_bytes()));
+                assert_eq!(zone_of(set.pick(key, None).unwrap()), "b", "{lb}");
+            }
+            let view = set.locality();
+            assert_eq!(view.tiers[0].1.healthy, 0);
+            assert_eq!(view.tiers[1].2, 1.0);
+        }
+    }
+
+    #[test]
+    fn a_retry_leaves_the_zone_when_its_other_endpoint_is_failing_too() {
+        let set = zoned(Lb::RoundRobin);
+        let (a0, a1) = (&set.endpoints[0], &set.endpoints[1]);
+        // Both of zone a's endpoints refused once (not yet ejected).
+        a0.failures.store(1, Ordering::Relaxed);
+        a1.failures.store(1, Ordering::Relaxed);
+        for _ in 0..10 {
+            let next = set.pick(None, Some(a0)).unwrap();
+            assert_eq!(next.place.zone.as_deref(), Some("b"));
+        }
+        assert_eq!(set.tier_of(a0), Tier::Zone);
+        assert_eq!(set.tier_of(&set.endpoints[2]), Tier::Region);
     }
 }

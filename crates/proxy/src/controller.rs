@@ -12,7 +12,8 @@ use ferry_policy::Endpoints;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::discovery::{DefaultDiscover, Discover, DstWatch, EndpointWatch, Resolved};
+use crate::discovery::{Addr, DefaultDiscover, Discover, DstWatch, EndpointWatch, Resolved};
+use crate::locality::Place;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -131,15 +132,28 @@ async fn follow(
     }
 }
 
+fn place(l: Option<&ferry_discovery_api::Locality>) -> Place {
+    let some = |s: &str| (!s.is_empty()).then(|| Arc::from(s));
+    match l {
+        Some(l) => Place {
+            region: some(&l.region),
+            zone: some(&l.zone),
+            node: some(&l.node),
+        },
+        None => Place::default(),
+    }
+}
+
 /// The controller's answer as the proxy uses it.
 fn resolved(r: Resolution) -> Resolved {
     let addr = |e: &ferry_discovery_api::Endpoint| {
-        Some(SocketAddr::new(
-            e.ip.parse().ok()?,
-            u16::try_from(e.port).ok()?,
-        ))
+        Some(Addr {
+            addr: SocketAddr::new(e.ip.parse().ok()?, u16::try_from(e.port).ok()?),
+            place: place(e.locality.as_ref()),
+            hints: e.hint_zones.iter().map(|z| Arc::from(z.as_str())).collect(),
+        })
     };
-    let ready: Vec<SocketAddr> = r
+    let ready: Vec<Addr> = r
         .endpoints
         .iter()
         .filter(|e| e.ready)
@@ -163,6 +177,8 @@ fn resolved(r: Resolution) -> Resolved {
             "kubernetes.io/h2c" | "h2c" | "grpc" | "http2"
         ),
         addrs: Arc::from(addrs),
+        prefer_node: r.traffic_distribution == "PreferSameNode",
+        caller: place(r.caller.as_ref()),
     }
 }
 
@@ -194,7 +210,7 @@ mod tests {
         });
         assert_eq!(&*r.name, "echo.shop");
         assert!(r.h2);
-        assert_eq!(&*r.addrs, &["10.0.0.2:8080".parse().unwrap()]);
+        assert_eq!(r.addrs[0].addr, "10.0.0.2:8080".parse().unwrap());
 
         let r = resolved(Resolution {
             found: true,
@@ -202,6 +218,7 @@ mod tests {
             ..Default::default()
         });
         assert!(!r.h2);
-        assert_eq!(&*r.addrs, &["10.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(r.addrs[0].addr, "10.0.0.1:8080".parse().unwrap());
+        assert_eq!(r.addrs.len(), 1);
     }
 }

@@ -10,8 +10,29 @@ use std::time::Duration;
 use ferry_policy::Endpoints;
 use tokio::sync::watch;
 
+use crate::locality::Place;
+
+/// One endpoint address and where it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Addr {
+    pub addr: SocketAddr,
+    pub place: Place,
+    /// EndpointSlice `hints.forZones`.
+    pub hints: Arc<[Arc<str>]>,
+}
+
+impl From<SocketAddr> for Addr {
+    fn from(addr: SocketAddr) -> Self {
+        Addr {
+            addr,
+            place: Place::default(),
+            hints: Arc::from(Vec::new()),
+        }
+    }
+}
+
 /// The current addresses of a service; a new value is sent on every change.
-pub type EndpointWatch = watch::Receiver<Arc<[SocketAddr]>>;
+pub type EndpointWatch = watch::Receiver<Arc<[Addr]>>;
 
 /// What discovery knows of a transparent destination.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,7 +47,11 @@ pub struct Resolved {
     pub h2: bool,
     /// What to balance over: the ready endpoints, else those still serving while they
     /// terminate (as kube-proxy does), so a rollout's last pod is not dropped early.
-    pub addrs: Arc<[SocketAddr]>,
+    pub addrs: Arc<[Addr]>,
+    /// The Service's `trafficDistribution: PreferSameNode`.
+    pub prefer_node: bool,
+    /// Where the caller runs, from its node's labels.
+    pub caller: Place,
 }
 
 /// A destination's resolution: `None` until the first answer; afterwards the last
@@ -74,7 +99,17 @@ impl Default for DefaultDiscover {
 impl Discover for DefaultDiscover {
     fn watch(&self, spec: &Endpoints) -> EndpointWatch {
         match spec {
-            Endpoints::Static(addrs) => watch::channel(Arc::from(addrs.as_slice())).1,
+            Endpoints::Static(eps) => {
+                let addrs: Vec<Addr> = eps
+                    .iter()
+                    .map(|e| Addr {
+                        addr: e.addr,
+                        place: Place::from_policy(&e.locality),
+                        hints: Arc::from(Vec::new()),
+                    })
+                    .collect();
+                watch::channel(Arc::from(addrs)).1
+            }
             Endpoints::Dns { host, port } => {
                 let mut dns = self.dns.lock().expect("dns map poisoned");
                 dns.retain(|_, rx| rx.has_changed().is_ok());
@@ -89,7 +124,7 @@ impl Discover for DefaultDiscover {
 /// Resolves `host` now and then every `refresh` until nobody watches; a failed lookup
 /// keeps the last good answer, since a DNS hiccup should not empty a service.
 fn spawn_dns(host: String, port: u16, refresh: Duration) -> EndpointWatch {
-    let (tx, rx) = watch::channel::<Arc<[SocketAddr]>>(Arc::from(Vec::new()));
+    let (tx, rx) = watch::channel::<Arc<[Addr]>>(Arc::from(Vec::new()));
     tokio::spawn(async move {
         loop {
             match tokio::net::lookup_host((host.as_str(), port)).await {
@@ -98,10 +133,10 @@ fn spawn_dns(host: String, port: u16, refresh: Duration) -> EndpointWatch {
                     addrs.sort_unstable();
                     addrs.dedup();
                     tx.send_if_modified(|cur| {
-                        let changed = **cur != *addrs;
+                        let changed = !cur.iter().map(|a| a.addr).eq(addrs.iter().copied());
                         if changed {
                             tracing::info!(%host, ?addrs, "dns endpoints changed");
-                            *cur = Arc::from(addrs);
+                            *cur = addrs.into_iter().map(Addr::from).collect();
                         }
                         changed
                     });

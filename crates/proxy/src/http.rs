@@ -68,6 +68,9 @@ pub struct ConnCtx {
 /// are also most of its requests (a client cancelling now and then is left alone).
 pub const MAX_CANCELLED: u32 = 100;
 
+/// Retries of a failed connect (nothing was sent), whatever `retries` says.
+const CONNECT_RETRIES: u32 = 2;
+
 /// Counts the request as cancelled if dropped before its response.
 struct OnCancel<'a>(Option<&'a ConnCtx>);
 
@@ -198,6 +201,7 @@ impl HttpProxy {
             drop(set);
             return self.fail(&svc, ProxyError::NoEndpoints, grpc, span);
         };
+        let set_len = set.endpoints.len();
         drop(set);
 
         let pq = req
@@ -225,18 +229,22 @@ impl HttpProxy {
         if svc.h2 && client_upgrade.is_none() && req.version() != Version::HTTP_2 {
             *req.version_mut() = Version::HTTP_2;
         }
-        // Retrying needs the request again; only a bodiless one can be rebuilt.
-        let retry_parts = (settings.retries > 0 && http_body::Body::is_end_stream(req.body()))
-            .then(|| {
-                (
-                    req.method().clone(),
-                    req.headers().clone(),
-                    req.version(),
-                    pq,
-                )
-            });
+        // Retrying needs the request again; only a bodiless one can be rebuilt. A failed
+        // connect sent nothing, so it is retried on another endpoint even with `retries:
+        // 0` (as Istio does), when there is another: a dead pod or zone fails no call.
+        // That costs a header-map copy per bodiless request to a balanced service.
+        let max_retries = settings.retries.max(CONNECT_RETRIES);
+        let can_retry = settings.retries > 0 || set_len > 1;
+        let retry_parts = (can_retry && http_body::Body::is_end_stream(req.body())).then(|| {
+            (
+                req.method().clone(),
+                req.headers().clone(),
+                req.version(),
+                pq,
+            )
+        });
 
-        if settings.retries > 0 {
+        if retry_parts.is_some() {
             svc.retry_budget.deposit();
         }
         let mut ep = ep;
@@ -299,7 +307,7 @@ impl HttpProxy {
                         ep.connect_failed();
                     }
                     let may_retry = retryable
-                        && attempt < settings.retries
+                        && attempt < max_retries
                         && retry_parts.is_some()
                         && svc.retry_budget.withdraw();
                     let next = match (&retry_parts, may_retry) {

@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod errors;
 pub mod head;
 pub mod http;
+pub mod locality;
 pub mod metrics;
 mod server;
 pub mod state;

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
@@ -37,6 +38,12 @@ pub struct ConnLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub service: String,
+    pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -50,6 +57,8 @@ pub struct Metrics {
     pub connections: Family<ConnLabels, Counter>,
     pub policy_reloads: Counter,
     pub passthrough: Family<ReasonLabels, Counter>,
+    pub locality_requests: Family<TierLabels, Counter>,
+    pub locality_share: Family<TierLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Metrics {
@@ -80,6 +89,16 @@ impl Metrics {
              (not-a-service: a pod IP, headless Service, outside the cluster; \
              discovery-unavailable: no answer from the controller)",
             self.passthrough.clone(),
+        );
+        registry.register(
+            "ferry_locality_requests",
+            "Requests by the locality tier of the endpoint chosen (node, zone, region, other)",
+            self.locality_requests.clone(),
+        );
+        registry.register(
+            "ferry_locality_share",
+            "Share of a service's traffic planned for each locality tier (0 to 1)",
+            self.locality_share.clone(),
         );
     }
 

@@ -17,7 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::balance::{Endpoint, EndpointSet};
-use crate::discovery::{Discover, DstWatch, Resolved};
+use crate::discovery::{Addr, Discover, DstWatch, Resolved};
+use crate::locality::{LocalityState, Place, Plan};
 use crate::metrics::{AtomicHistogram, Metrics, ServiceLabels, StatusCounters};
 
 /// How long an idle pooled connection is kept. Below the 10 s header-read timeout that
@@ -101,6 +102,9 @@ pub struct ServiceRt {
     pub retry_budget: Arc<RetryBudget>,
     /// Send HTTP/1 requests upstream as HTTP/2 (the upstream declared h2c).
     pub h2: bool,
+    /// How endpoints are tiered by nearness, and the state that outlives versions.
+    pub plan: Plan,
+    pub locality: Arc<LocalityState>,
     /// Stops the task that follows discovery once the service is dropped.
     _follow: Option<DropGuard>,
 }
@@ -124,17 +128,23 @@ impl ServiceRt {
     }
 
     /// Replaces the address list, keeping the state of endpoints that remain.
-    fn set_addrs(&self, addrs: &[SocketAddr], metrics: &Metrics) {
+    fn set_addrs(&self, addrs: &[Addr], metrics: &Metrics) {
         let old = self.endpoints.load();
         let eps = reuse_endpoints(&self.name, addrs, &old.endpoints, metrics);
-        self.endpoints
-            .store(Arc::new(EndpointSet::new(eps, self.settings.lb)));
+        self.endpoints.store(Arc::new(EndpointSet::new(
+            eps,
+            self.settings.lb,
+            &self.plan,
+            &self.locality,
+        )));
     }
 }
 
+/// Endpoints for `addrs`, reusing those of `old` with the same address and place so
+/// their load, latency and health carry over.
 fn reuse_endpoints(
     service: &Arc<str>,
-    addrs: &[SocketAddr],
+    addrs: &[Addr],
     old: &[Arc<Endpoint>],
     metrics: &Metrics,
 ) -> Vec<Arc<Endpoint>> {
@@ -142,12 +152,14 @@ fn reuse_endpoints(
         .iter()
         .map(|a| {
             old.iter()
-                .find(|e| e.addr == *a)
+                .find(|e| e.addr == a.addr && e.place == a.place && e.hints == a.hints)
                 .cloned()
                 .unwrap_or_else(|| {
                     Arc::new(Endpoint::new(
-                        *a,
-                        StatusCounters::new(&metrics.requests, service.clone(), a.to_string()),
+                        a.addr,
+                        a.place.clone(),
+                        a.hints.clone(),
+                        StatusCounters::new(&metrics.requests, service.clone(), a.addr.to_string()),
                     ))
                 })
         })
@@ -192,10 +204,19 @@ impl Runtime {
         map.entry(dst)
             .or_insert_with(|| {
                 let name: Arc<str> = Arc::from(dst.to_string());
-                let eps = reuse_endpoints(&name, &[dst], &[], metrics);
+                let eps = reuse_endpoints(&name, &[Addr::from(dst)], &[], metrics);
+                let locality = LocalityState::new(name.clone(), metrics);
+                let plan = Plan::off();
                 Arc::new(ServiceRt {
                     duration: duration_for(&name, metrics),
-                    endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, self.defaults.lb)),
+                    endpoints: ArcSwap::from_pointee(EndpointSet::new(
+                        eps,
+                        self.defaults.lb,
+                        &plan,
+                        &locality,
+                    )),
+                    plan,
+                    locality,
                     name,
                     version: self.version,
                     settings: self.defaults.clone(),
@@ -455,6 +476,18 @@ impl Shared {
             .unwrap_or_default();
         let eps = reuse_endpoints(&r.name, &r.addrs, &old_eps, &self.metrics);
         let token = CancellationToken::new();
+        // The pod's ferry.dev/zone and region win over its node's labels.
+        let plan = Plan {
+            on: settings.locality,
+            prefer_node: r.prefer_node,
+            caller: r
+                .caller
+                .overridden_by(&Place::from_policy(&rt.policy.locality)),
+        };
+        let locality = prev
+            .filter(|p| p.name == r.name)
+            .map(|p| p.locality.clone())
+            .unwrap_or_else(|| LocalityState::new(r.name.clone(), &self.metrics));
         let svc = Arc::new(ServiceRt {
             clients: clients_for(prev, &rt.default_clients, &settings),
             retry_budget: prev
@@ -463,7 +496,9 @@ impl Shared {
             duration: duration_for(&r.name, &self.metrics),
             name: r.name.clone(),
             version: rt.version,
-            endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb)),
+            endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb, &plan, &locality)),
+            plan,
+            locality,
             settings,
             routes,
             h2: r.h2,
@@ -537,7 +572,7 @@ fn compile(
         let clients = clients_for(prev, &default_clients, &settings);
         let name_arc: Arc<str> = Arc::from(name.as_str());
         let watch = spec.endpoints.as_ref().map(|e| discover.watch(e));
-        let addrs: Vec<SocketAddr> = watch
+        let addrs: Vec<Addr> = watch
             .as_ref()
             .map(|w| w.borrow().to_vec())
             .unwrap_or_default();
@@ -549,12 +584,22 @@ fn compile(
             .map(|p| p.retry_budget.clone())
             .unwrap_or_else(|| Arc::new(RetryBudget::new()));
         let token = CancellationToken::new();
+        let plan = Plan {
+            on: settings.locality,
+            prefer_node: false,
+            caller: Place::from_policy(&policy.locality),
+        };
+        let locality = prev
+            .map(|p| p.locality.clone())
+            .unwrap_or_else(|| LocalityState::new(name_arc.clone(), metrics));
         let svc = Arc::new(ServiceRt {
             retry_budget,
             duration: duration_for(name, metrics),
             name: name_arc,
             version,
-            endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb)),
+            endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb, &plan, &locality)),
+            plan,
+            locality,
             settings,
             routes,
             clients,
@@ -599,7 +644,7 @@ fn compile(
 fn follow<T: Send + Sync + 'static>(
     svc: Weak<ServiceRt>,
     mut watch: tokio::sync::watch::Receiver<T>,
-    addrs: fn(&T) -> Option<Arc<[SocketAddr]>>,
+    addrs: fn(&T) -> Option<Arc<[Addr]>>,
     stop: CancellationToken,
     shared: Weak<Shared>,
 ) {
