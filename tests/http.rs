@@ -346,7 +346,12 @@ async fn retries_route_around_a_dead_endpoint() {
         .find(|e| e["address"] == dead.to_string())
         .unwrap()
         .clone();
-    assert_eq!(dead_state["health"], "failing", "{eps}");
+    // Three refused connects in a row: passed over (and probed) until it answers.
+    assert_eq!(dead_state["health"], "ejected", "{eps}");
+    assert!(
+        dead_state["consecutive_failures"].as_u64() >= Some(3),
+        "{eps}"
+    );
 }
 
 #[tokio::test]

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use ferry_policy::Lb;
 use http::uri::Authority;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::locality::{LocalityState, Place, Plan, Tier, TierStats};
+use crate::locality::{LocalityState, Place, Plan, ShareGauge, Tier, TierStats};
 use crate::metrics::StatusCounters;
 
 /// Latency assumed for an endpoint that has not answered yet.
@@ -225,13 +224,15 @@ pub struct EndpointSet {
     /// Cumulative shares per tier, in 1/65536, and when they were computed.
     cum: [AtomicU32; 4],
     computed_ns: AtomicU64,
+    /// Why traffic is where it is, as of the last computation.
+    reason: arc_swap::ArcSwap<String>,
 }
 
 struct TierPool {
     tier: Tier,
     pool: Pool,
     requests: Option<Counter>,
-    share: Option<Gauge<f64, AtomicU64>>,
+    share: Option<ShareGauge>,
 }
 
 /// What `/endpoints` shows of a set's locality.
@@ -260,13 +261,13 @@ impl EndpointSet {
         let tiers = kinds
             .into_iter()
             .map(|tier| {
-                let members = endpoints
+                let members: Vec<_> = endpoints
                     .iter()
                     .zip(&of)
                     .filter(|(_, t)| **t == tier)
                     .map(|(e, _)| e.clone())
                     .collect();
-                let (requests, share) = locality.handles(tier).unzip();
+                let (requests, share) = locality.handles(tier, members.len()).unzip();
                 TierPool {
                     tier,
                     pool: Pool::new(members, lb),
@@ -274,7 +275,13 @@ impl EndpointSet {
                     share,
                 }
             })
-            .collect();
+            .collect::<Vec<TierPool>>();
+        locality.tiers_now(&tiers.iter().map(|t| t.tier).collect::<Vec<_>>());
+        if let [only] = tiers.as_slice()
+            && let Some(g) = &only.share
+        {
+            g.set(1.0);
+        }
         EndpointSet {
             endpoints,
             lb,
@@ -283,6 +290,7 @@ impl EndpointSet {
             locality: locality.clone(),
             cum: Default::default(),
             computed_ns: AtomicU64::new(0),
+            reason: Default::default(),
         }
     }
 
@@ -357,16 +365,7 @@ impl EndpointSet {
     /// A tier by the current shares: at random, or by the hash key, so a key keeps its
     /// tier (and so its endpoint) while the shares stay.
     fn choose_tier(&self, key: Option<u64>) -> usize {
-        let now = now_ns();
-        let at = self.computed_ns.load(Ordering::Relaxed);
-        if (at == 0 || now.saturating_sub(at) >= REFRESH.as_nanos() as u64)
-            && self
-                .computed_ns
-                .compare_exchange(at, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.recompute(now);
-        }
+        self.refresh();
         let r = match key {
             Some(k) => (k >> 48) as u32,
             None => fastrand::u32(..1 << 16),
@@ -403,11 +402,26 @@ impl EndpointSet {
             .collect()
     }
 
+    /// Recomputes the tier shares if they are older than [`REFRESH`]; one caller does.
+    fn refresh(&self) {
+        let now = now_ns();
+        let at = self.computed_ns.load(Ordering::Relaxed);
+        if (at == 0 || now.saturating_sub(at) >= REFRESH.as_nanos() as u64)
+            && self
+                .computed_ns
+                .compare_exchange(at, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.recompute(now);
+        }
+    }
+
     /// Recomputes the tier shares and publishes them.
-    fn recompute(&self, now: u64) -> (Vec<TierStats>, Vec<f64>, String) {
+    fn recompute(&self, now: u64) {
         let stats = self.stats(now);
         let kinds: Vec<Tier> = self.tiers.iter().map(|t| t.tier).collect();
         let (shares, reason) = self.locality.place(&kinds, &stats, &self.plan.caller);
+        self.reason.store(Arc::new(reason));
         let mut acc = 0.0;
         for (i, s) in shares.iter().enumerate() {
             acc += s;
@@ -421,14 +435,29 @@ impl EndpointSet {
                 g.set(*s);
             }
         }
-        (stats, shares, reason)
+    }
+
+    /// The shares in effect, from the published cumulative ones.
+    fn shares(&self) -> Vec<f64> {
+        let mut prev = 0.0;
+        self.cum[..self.tiers.len()]
+            .iter()
+            .map(|c| {
+                let c = (c.load(Ordering::Relaxed) as f64).min(SHARE_ONE);
+                let s = (c - prev) / SHARE_ONE;
+                prev = c;
+                s
+            })
+            .collect()
     }
 
     /// The locality as it stands now, for `/endpoints`.
     pub fn locality(&self) -> LocalityView {
         let now = now_ns();
         let (tiers, reason) = if self.tiers.len() > 1 {
-            let (stats, shares, reason) = self.recompute(now);
+            self.refresh();
+            let (stats, shares) = (self.stats(now), self.shares());
+            let reason = self.reason.load().to_string();
             let tiers = self
                 .tiers
                 .iter()

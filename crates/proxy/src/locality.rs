@@ -18,6 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{Metrics, TierLabels};
 
+pub type ShareGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// Where something runs. Empty fields are unknown.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Place {
@@ -233,12 +235,9 @@ impl LocalityState {
         })
     }
 
-    /// Metric handles for one tier; none for `Any`, which would repeat the request
-    /// counters under another name.
-    pub fn handles(
-        &self,
-        tier: Tier,
-    ) -> Option<(Counter, Gauge<f64, std::sync::atomic::AtomicU64>)> {
+    /// Metric handles for a tier of `endpoints` endpoints; none for `Any`, which would
+    /// repeat the request counters under another name.
+    pub fn handles(&self, tier: Tier, endpoints: usize) -> Option<(Counter, ShareGauge)> {
         if tier == Tier::Any {
             return None;
         }
@@ -246,6 +245,10 @@ impl LocalityState {
             service: self.service.to_string(),
             tier: tier.as_str(),
         };
+        self.metrics
+            .locality_endpoints
+            .get_or_create(&labels)
+            .set(endpoints as i64);
         Some((
             self.metrics
                 .locality_requests
@@ -253,6 +256,26 @@ impl LocalityState {
                 .clone(),
             self.metrics.locality_share.get_or_create(&labels).clone(),
         ))
+    }
+
+    /// Zeroes the gauges of tiers a new endpoint set no longer has.
+    pub fn tiers_now(&self, present: &[Tier]) {
+        for tier in [Tier::Node, Tier::Zone, Tier::Region, Tier::Other] {
+            if present.contains(&tier) {
+                continue;
+            }
+            let labels = TierLabels {
+                service: self.service.to_string(),
+                tier: tier.as_str(),
+            };
+            // Only tiers that had series: a flat service never grows any.
+            if let Some(g) = self.metrics.locality_endpoints.get(&labels) {
+                g.set(0);
+            }
+            if let Some(g) = self.metrics.locality_share.get(&labels) {
+                g.set(0.0);
+            }
+        }
     }
 
     /// Final shares for `tiers` with their `stats`: the overprovisioning rule, then the

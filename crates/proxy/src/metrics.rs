@@ -59,6 +59,7 @@ pub struct Metrics {
     pub passthrough: Family<ReasonLabels, Counter>,
     pub locality_requests: Family<TierLabels, Counter>,
     pub locality_share: Family<TierLabels, Gauge<f64, AtomicU64>>,
+    pub locality_endpoints: Family<TierLabels, Gauge>,
 }
 
 impl Metrics {
@@ -99,6 +100,11 @@ impl Metrics {
             "ferry_locality_share",
             "Share of a service's traffic planned for each locality tier (0 to 1)",
             self.locality_share.clone(),
+        );
+        registry.register(
+            "ferry_locality_endpoints",
+            "Endpoints of a service in each locality tier",
+            self.locality_endpoints.clone(),
         );
     }
 
