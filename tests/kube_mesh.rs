@@ -143,11 +143,12 @@ impl Mesh {
     /// Starts the client pod's sidecar as uid 1337, in transparent mode.
     fn sidecar(&self, controller: bool) -> Ferry {
         let (bin_dir, bin, dir) = ferry_for_proxy_user();
-        // The Service's name is a policy key: round-robin for echo.ferry-demo only.
+        // The Service's name is a policy key: round-robin for echo.ferry-demo only, and
+        // over every pod whatever its zone (kube_locality.rs shows the zone preference).
         let annotations = dir.path().join("annotations");
         std::fs::write(
             &annotations,
-            "ferry.dev/policy=\"services: {echo.ferry-demo: {lb: round-robin}}\"\n",
+            "ferry.dev/policy=\"services: {echo.ferry-demo: {lb: round-robin, locality: off}}\"\n",
         )
         .unwrap();
         if controller {

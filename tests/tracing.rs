@@ -42,6 +42,15 @@ fn free_port() -> u16 {
 
 impl Collector {
     fn start() -> Collector {
+        Collector::start_at(([127, 0, 0, 1], free_port()).into())
+    }
+
+    /// gRPC on port 4317, on a loopback address of its own so nothing else there clashes.
+    fn start_on_4317() -> Collector {
+        Collector::start_at(([127, 0, 43, 17], 4317).into())
+    }
+
+    fn start_at(grpc: SocketAddr) -> Collector {
         let bin = Command::new("python3")
             .args(["-c", "import rotel, os; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))"])
             .output()
@@ -53,7 +62,7 @@ impl Collector {
         );
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("spans.txt");
-        let (grpc, http) = (free_port(), free_port());
+        let http = free_port();
         let child = Command::new(bin)
             .args([
                 "start",
@@ -66,7 +75,7 @@ impl Collector {
             ])
             .args([
                 "--otlp-grpc-endpoint",
-                &format!("127.0.0.1:{grpc}"),
+                &grpc.to_string(),
                 "--otlp-http-endpoint",
                 &format!("127.0.0.1:{http}"),
             ])
@@ -79,7 +88,7 @@ impl Collector {
             child,
             out,
             _dir: dir,
-            grpc: ([127, 0, 0, 1], grpc).into(),
+            grpc,
             http: ([127, 0, 0, 1], http).into(),
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -143,6 +152,13 @@ impl Collector {
         }
         spans.extend(cur);
         spans
+    }
+
+    fn spans_of(&self, service: &str) -> Vec<Span> {
+        self.spans()
+            .into_iter()
+            .filter(|s| s.service == service)
+            .collect()
     }
 
     fn trace(&self, id: &str) -> Vec<Span> {
@@ -342,11 +358,15 @@ async fn a_dead_collector_fails_no_request_and_drops_are_counted() {
     for _ in 0..300 {
         assert_eq!(conn.get("/").await.unwrap().0, 200);
     }
+    // The collector is gone: exports fail (refused) or time out, each counted by reason.
     let dropped = |m: &str| {
         m.lines()
-            .find(|l| l.starts_with("ferry_trace_spans_dropped_total"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
+            .filter(|l| {
+                l.starts_with("ferry_spans_dropped_total{reason=\"export-failed\"}")
+                    || l.starts_with("ferry_spans_dropped_total{reason=\"export-timeout\"}")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
     };
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -356,6 +376,58 @@ async fn a_dead_collector_fails_no_request_and_drops_are_counted() {
         "the dropped-span counter never rose: {}",
         a.metrics().await
     );
+    // And the admin API says where spans were going and why they did not arrive.
+    let (status, t) = a.admin("GET", "/tracing", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(t["exporting"], true, "{t}");
+    assert_eq!(t["protocol"], "grpc", "{t}");
+    assert!(
+        t["endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:"),
+        "{t}"
+    );
+    assert!(
+        !t["last_error"]["error"].as_str().unwrap_or("").is_empty(),
+        "{t}"
+    );
+    assert!(t["last_success"].is_null(), "{t}");
+}
+
+/// A newcomer's mistake the README used to invite: the endpoint is the gRPC port 4317 and
+/// no protocol is set. ferry speaks gRPC to 4317 (saying so in GET /tracing), and spans
+/// arrive.
+#[tokio::test]
+async fn an_endpoint_on_port_4317_without_a_protocol_gets_grpc() {
+    let c = Collector::start_on_4317();
+    let app = HttpUpstream::start("app").await.unwrap();
+    let policy = format!(
+        "admin: 127.0.0.1:0\nlisteners: [{{name: out, bind: \"127.0.0.1:0\", service: app}}]\n\
+         services: {{app: {{endpoints: [\"{}\"]}}}}\n",
+        app.addr
+    );
+    let a = with_env(
+        &policy,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", c.grpc)),
+            ("OTEL_SERVICE_NAME", "app-4317".into()),
+        ],
+    );
+    let (_, t) = a.admin("GET", "/tracing", "").await;
+    assert_eq!(t["protocol"], "grpc", "{t}");
+    assert!(t["protocol_note"].as_str().unwrap().contains("4317"), "{t}");
+    let mut conn = Conn::open(a.addr("out")).await.unwrap();
+    assert_eq!(conn.get("/").await.unwrap().0, 200);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            !c.spans_of("app-4317").is_empty()
+        })
+        .await,
+        "no span of app-4317 reached the collector on 4317"
+    );
+    let (_, t) = a.admin("GET", "/tracing", "").await;
+    assert!(t["last_success"].is_string(), "{t}");
 }
 
 #[tokio::test]

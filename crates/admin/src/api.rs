@@ -48,6 +48,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/policy/validate", post(validate_policy))
         .route("/policy/rollback", post(rollback).route_layer(guard()))
         .route("/endpoints", get(endpoints))
+        .route("/tracing", get(tracing_state))
         .route("/log-level", put(log_level).route_layer(guard()))
         .route("/shutdown", post(shutdown).route_layer(guard()))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint") })
@@ -251,6 +252,28 @@ async fn endpoints(State(s): State<AdminState>) -> Response {
         );
     }
     json_ok(json!({"version": rt.version, "services": services}))
+}
+
+/// The span exporter: where it sends, how, and whether that works.
+async fn tracing_state(State(s): State<AdminState>) -> Response {
+    let shared = s.control.shared();
+    let Some(st) = shared.tracer.status() else {
+        return json_ok(json!({
+            "exporting": false,
+            "reason": "no OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_SDK_DISABLED=true / OTEL_TRACES_EXPORTER=none): trace context is propagated, no spans are exported",
+        }));
+    };
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    json_ok(json!({
+        "exporting": true,
+        "endpoint": st.endpoint,
+        "protocol": st.protocol,
+        "protocol_note": st.protocol_note,
+        "last_success": st.last_success.map(time),
+        "last_error": st.last_error.as_ref().map(|(t, e)| json!({"at": time(*t), "error": e})),
+        "queue_depth": st.queue_depth,
+        "queue_capacity": st.queue_capacity,
+    }))
 }
 
 async fn log_level(State(s): State<AdminState>, body: Bytes) -> Response {

@@ -27,6 +27,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use prometheus_client::registry::Registry;
 
+pub use export::Status as ExportStatus;
 pub use propagation::Parent;
 
 /// Which side of the call the proxy stands on.
@@ -140,7 +141,11 @@ impl Tracer {
         {
             resource = resource.with_service_name(default_service_name.to_string());
         }
-        let queue = export::start(resource.build())?;
+        let protocol = var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        let config =
+            export::Config::new(endpoint.as_deref().unwrap_or_default(), protocol.as_deref());
+        let queue = export::start(resource.build(), config)?;
         let counters = queue.counters.clone();
         Ok(Tracer(Arc::new(Inner {
             queue: Some(queue),
@@ -161,16 +166,22 @@ impl Tracer {
         self.0.queue.is_some()
     }
 
-    /// `ferry_trace_spans_exported_total` and `ferry_trace_spans_dropped_total`.
+    /// The exporter's state, `None` when no spans are exported.
+    pub fn status(&self) -> Option<export::Status> {
+        self.0.queue.as_ref().map(|q| q.status())
+    }
+
+    /// `ferry_spans_exported_total` and `ferry_spans_dropped_total{reason}`.
     pub fn register_metrics(&self, registry: &mut Registry) {
         registry.register(
-            "ferry_trace_spans_exported",
+            "ferry_spans_exported",
             "Spans the collector accepted",
             self.0.counters.exported.clone(),
         );
         registry.register(
-            "ferry_trace_spans_dropped",
-            "Spans dropped because the export queue was full or the collector failed",
+            "ferry_spans_dropped",
+            "Spans dropped, by reason: queue-full (the collector is slower than traffic), \
+             export-failed (the collector refused or could not be reached), export-timeout",
             self.0.counters.dropped.clone(),
         );
     }
