@@ -190,3 +190,60 @@ async fn deadlines_and_missing_endpoints_are_grpc_statuses() {
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(err.metadata().get("x-ferry-error").unwrap(), "no-endpoints");
 }
+
+/// A gRPC error in trailers (after data: the status a dashboard would miss by reading
+/// headers) is a failure on both sidecars of the call, outbound and inbound.
+#[tokio::test]
+async fn a_grpc_status_in_trailers_counts_as_a_failure_in_both_directions() {
+    let server = grpc_upstream("g-a").await;
+    let inbound = Ferry::start(
+        &format!(
+            "admin: 127.0.0.1:0\nlisteners: [{{name: in, bind: \"127.0.0.1:0\", service: app, direction: inbound}}]\n\
+             services: {{app: {{endpoints: [\"{server}\"]}}}}\n"
+        ),
+        &[],
+        &[],
+    );
+    let outbound = Ferry::start(
+        &format!(
+            "admin: 127.0.0.1:0\nlisteners: [{{name: out, bind: \"127.0.0.1:0\", service: app}}]\n\
+             services: {{app: {{endpoints: [\"{}\"]}}}}\n",
+            inbound.addr("in")
+        ),
+        &[],
+        &[],
+    );
+    let mut c = client(outbound.addr("out")).await;
+    c.say(req("fine")).await.unwrap();
+    // One reply, then NOT_FOUND in the trailers.
+    let mut s = c
+        .chat(futures::stream::iter(vec![
+            req("ok"),
+            EchoRequest {
+                fail_code: 5,
+                ..req("gone")
+            },
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.next().await.unwrap().unwrap().message, "ok");
+    assert_eq!(s.next().await.unwrap().unwrap_err().code(), Code::NotFound);
+    drop(s);
+    for (f, direction) in [(&outbound, "outbound"), (&inbound, "inbound")] {
+        let want = [
+            format!(
+                r#"ferry_requests_total{{direction="{direction}",service="app",route="",status_code="200",grpc_status="5",classification="failure"}} 1"#
+            ),
+            format!(
+                r#"ferry_requests_total{{direction="{direction}",service="app",route="",status_code="200",grpc_status="0",classification="success"}} 1"#
+            ),
+        ];
+        let seen = support::eventually(Duration::from_secs(5), || async {
+            let m = f.metrics().await;
+            want.iter().all(|w| m.contains(w.as_str()))
+        })
+        .await;
+        assert!(seen, "{direction}: missing {want:?}\n{}", f.metrics().await);
+    }
+}

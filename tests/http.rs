@@ -387,37 +387,46 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
     assert!(status.success(), "{status:?}");
 }
 
+/// What a dashboard charts: calls by direction, service, route, status and
+/// classification, durations to the end of the body; per-endpoint series only when asked.
 #[tokio::test]
-async fn metrics_count_requests_by_service_endpoint_and_status() {
+async fn metrics_count_calls_by_direction_service_route_status_and_classification() {
     let up = HttpUpstream::start("a").await.unwrap();
-    let f = Ferry::start(&policy(&[up.addr], ""), &[], &[]);
+    let extra = "    routes:\n      - match: {path-prefix: /status}\n        timeout: 5s\n";
+    let f = Ferry::start(&policy(&[up.addr], extra), &[], &[]);
     let mut c = Conn::open(f.addr("web")).await.unwrap();
     for _ in 0..3 {
         c.get("/").await.unwrap();
     }
     c.get("/status/418").await.unwrap();
+    c.get("/status/503").await.unwrap();
     let (status, _) = f.admin("GET", "/live", "").await;
     assert_eq!(status, 200);
     let (status, _) = raw(f.addr("admin"), "GET", "/ready", "").await;
     assert_eq!(status, 200);
     let m = f.metrics().await;
-    let ep = up.addr;
-    assert!(
-        m.contains(&format!(
-            "ferry_requests_total{{service=\"web\",endpoint=\"{ep}\",status=\"200\"}} 3"
-        )),
-        "{m}"
+    for want in [
+        r#"ferry_requests_total{direction="outbound",service="web",route="",status_code="200",grpc_status="",classification="success"} 3"#,
+        r#"ferry_requests_total{direction="outbound",service="web",route="/status",status_code="418",grpc_status="",classification="success"} 1"#,
+        r#"ferry_requests_total{direction="outbound",service="web",route="/status",status_code="503",grpc_status="",classification="failure"} 1"#,
+        r#"ferry_request_duration_seconds_count{direction="outbound",service="web",route="",classification="success"} 3"#,
+        r#"ferry_request_duration_seconds_count{direction="outbound",service="web",route="/status",classification="failure"} 1"#,
+    ] {
+        assert!(m.contains(want), "missing {want}\n{m}");
+    }
+    // No per-endpoint series unless the policy asks for them.
+    assert!(!m.contains(&up.addr.to_string()), "{m}");
+    let (code, _) = f
+        .admin("PUT", "/policy", "metrics-endpoint-labels: true")
+        .await;
+    assert_eq!(code, 200);
+    c.get("/").await.unwrap();
+    let m = f.metrics().await;
+    let want = format!(
+        "ferry_endpoint_requests_total{{service=\"web\",endpoint=\"{}\",status_code=\"200\"}} 1",
+        up.addr
     );
-    assert!(
-        m.contains(&format!(
-            "ferry_requests_total{{service=\"web\",endpoint=\"{ep}\",status=\"418\"}} 1"
-        )),
-        "{m}"
-    );
-    assert!(
-        m.contains("ferry_request_duration_seconds_count{service=\"web\"} 4"),
-        "{m}"
-    );
+    assert!(m.contains(&want), "missing {want}\n{m}");
 }
 
 /// An idle keep-alive connection is not the slow client header-read-timeout is for:

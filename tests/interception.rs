@@ -309,7 +309,7 @@ fn the_pod_calls_peers_directly_and_every_call_goes_through_the_sidecar() {
         conns(&before, "outbound", "opaque") + 3,
         "{after}"
     );
-    assert!(after.contains(&format!("ferry_requests_total{{service=\"{PEER}:8080\",endpoint=\"{PEER}:8080\",status=\"200\"}}")), "{after}");
+    assert!(after.contains(&format!("ferry_requests_total{{direction=\"outbound\",service=\"{PEER}:8080\",route=\"\",status_code=\"200\",grpc_status=\"\",classification=\"success\"}}")), "{after}");
 
     // Skipped port and CIDR go straight out: the sidecar sees nothing.
     let skipped = ns.run(0, || async {

@@ -328,7 +328,7 @@ fn a_sidecar_balances_calls_to_a_cluster_ip_over_the_services_pods() {
         "{endpoints}"
     );
     assert!(
-        metrics.contains("ferry_requests_total{service=\"echo.ferry-demo\""),
+        metrics.contains("ferry_requests_total{direction=\"outbound\",service=\"echo.ferry-demo\""),
         "{metrics}"
     );
 

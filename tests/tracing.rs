@@ -426,8 +426,15 @@ async fn an_endpoint_on_port_4317_without_a_protocol_gets_grpc() {
         .await,
         "no span of app-4317 reached the collector on 4317"
     );
-    let (_, t) = a.admin("GET", "/tracing", "").await;
-    assert!(t["last_success"].is_string(), "{t}");
+    // The collector prints a span before it answers the export that carried it.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.admin("GET", "/tracing", "").await.1["last_success"].is_string()
+        })
+        .await,
+        "{}",
+        a.admin("GET", "/tracing", "").await.1
+    );
 }
 
 #[tokio::test]
@@ -466,4 +473,64 @@ async fn spans_still_queued_are_exported_before_the_sidecar_exits() {
         .await,
         "the span queued at shutdown was lost"
     );
+}
+
+/// A gRPC error in trailers (NOT_FOUND after a reply) marks both hops' spans failed with
+/// `rpc.grpc.status_code` 5, and the spans end with the call, not at its headers.
+#[tokio::test]
+async fn a_grpc_status_in_trailers_is_on_both_spans() {
+    use ferry_demo::proto::EchoRequest;
+    use ferry_demo::proto::echo_client::EchoClient;
+    use futures::StreamExt;
+
+    let c = Collector::start();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = l.local_addr().unwrap();
+    tokio::spawn(ferry_demo::serve_grpc("g".into(), l));
+    let (a, _b) = two_sidecars(&c, server);
+    let mut client = EchoClient::connect(format!("http://{}", a.addr("out")))
+        .await
+        .unwrap();
+    let req = |m: &str, fail_code: i32| EchoRequest {
+        message: m.into(),
+        fail_code,
+        ..Default::default()
+    };
+    let mut s = client
+        .chat(futures::stream::iter(vec![req("ok", 0), req("gone", 5)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.next().await.unwrap().unwrap().message, "ok");
+    assert_eq!(
+        s.next().await.unwrap().unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    drop(s);
+    let chat = |svc: &str| {
+        c.spans_of(svc)
+            .into_iter()
+            .find(|s| s.attrs.get("rpc.method").map(String::as_str) == Some("Chat"))
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            chat("app-a").is_some() && chat("app-b").is_some()
+        })
+        .await,
+        "the Chat spans never arrived"
+    );
+    for (svc, kind) in [("app-a", "CLIENT"), ("app-b", "SERVER")] {
+        let span = chat(svc).unwrap();
+        assert!(span.kind.contains(kind), "{svc}: {span:?}");
+        assert_eq!(
+            span.attrs.get("rpc.grpc.status_code").map(String::as_str),
+            Some("5"),
+            "{svc}: {span:?}"
+        );
+        assert_eq!(
+            span.attrs.get("error.type").map(String::as_str),
+            Some("NOT_FOUND"),
+            "{svc}: {span:?}"
+        );
+    }
 }

@@ -32,6 +32,9 @@ pub struct Policy {
     /// This sidecar's own locality (`ferry.dev/region`, `zone`); in Kubernetes it
     /// overrides what the node's labels say.
     pub locality: Locality,
+    /// Per-endpoint metric series (`ferry_endpoint_requests_total`), off by default:
+    /// endpoints come and go with every rollout.
+    pub metrics_endpoint_labels: Option<bool>,
     pub listeners: Vec<Listener>,
     pub defaults: Overrides,
     pub services: BTreeMap<String, Service>,
@@ -213,6 +216,9 @@ impl Policy {
                 "http-connect" => p.http_connect = choice(v, k, ["refuse", "tunnel"], &mut errs),
                 "drain-timeout" => p.drain_timeout = duration(v, k, &mut errs),
                 "opaque-ports" => p.opaque_ports = ports(v, k, &mut errs),
+                "metrics-endpoint-labels" => {
+                    p.metrics_endpoint_labels = choice(v, k, ["false", "true"], &mut errs)
+                }
                 "region" => p.locality.region = locality_name(v, k, &mut errs),
                 "zone" => p.locality.zone = locality_name(v, k, &mut errs),
                 "listeners" => p.listeners = listeners(v, &mut errs),
@@ -229,7 +235,7 @@ impl Policy {
                 other => errs.push(FieldError::new(
                     other,
                     "",
-                    "is not a policy field (allowed: admin, detect-timeout, header-read-timeout, idle-timeout, drain-timeout, forwarded-headers, http-connect, opaque-ports, region, zone, listeners, defaults, services)",
+                    "is not a policy field (allowed: admin, detect-timeout, header-read-timeout, idle-timeout, drain-timeout, forwarded-headers, http-connect, opaque-ports, region, zone, metrics-endpoint-labels, listeners, defaults, services)",
                 )),
             }
         }
@@ -290,6 +296,7 @@ impl Policy {
                     .clone()
                     .or_else(|| self.locality.zone.clone()),
             },
+            metrics_endpoint_labels: top.metrics_endpoint_labels.or(self.metrics_endpoint_labels),
             listeners: if top.listeners.is_empty() {
                 self.listeners.clone()
             } else {
@@ -348,6 +355,10 @@ impl Policy {
         self.http_connect.unwrap_or(false)
     }
 
+    pub fn metrics_endpoint_labels(&self) -> bool {
+        self.metrics_endpoint_labels.unwrap_or(false)
+    }
+
     pub fn drain_timeout(&self) -> Duration {
         self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT)
     }
@@ -399,6 +410,9 @@ impl Policy {
         }
         if let Some(p) = &self.opaque_ports {
             m.insert("opaque-ports".into(), json!(p));
+        }
+        if let Some(e) = self.metrics_endpoint_labels {
+            m.insert("metrics-endpoint-labels".into(), json!(e));
         }
         if let Some(r) = &self.locality.region {
             m.insert("region".into(), json!(r));

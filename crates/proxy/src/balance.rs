@@ -50,7 +50,8 @@ pub struct Endpoint {
     /// Until when balancers pass this endpoint over, in `now_ns()` time.
     ejected_until: AtomicU64,
     probing: AtomicBool,
-    pub statuses: StatusCounters,
+    /// Per-endpoint status counters, with `metrics-endpoint-labels: true` only.
+    pub statuses: Option<StatusCounters>,
 }
 
 fn epoch() -> Instant {
@@ -67,7 +68,7 @@ impl Endpoint {
         addr: SocketAddr,
         place: Place,
         hints: Arc<[Arc<str>]>,
-        statuses: StatusCounters,
+        statuses: Option<StatusCounters>,
     ) -> Self {
         let authority = Authority::try_from(addr.to_string().as_str())
             .expect("a socket address is an authority");
@@ -667,7 +668,11 @@ mod tests {
             addr,
             place,
             Arc::from(Vec::new()),
-            StatusCounters::new(&m.requests, "t".into(), addr.to_string()),
+            Some(StatusCounters::new(
+                &m.endpoint_requests,
+                "t".into(),
+                addr.to_string(),
+            )),
         ))
     }
 

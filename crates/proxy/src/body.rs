@@ -10,7 +10,52 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use ferry_telemetry::ActiveSpan;
+
 use crate::balance::InFlight;
+use crate::metrics::RouteMetrics;
+
+/// What is recorded when a call ends, at the end of its response body: the request
+/// metrics and the span, with the gRPC status from trailers.
+pub struct CallEnd {
+    metrics: std::sync::Arc<RouteMetrics>,
+    start: std::time::Instant,
+    status: u16,
+    /// From the response headers (a trailers-only gRPC response).
+    grpc: Option<u8>,
+    span: ActiveSpan,
+}
+
+impl CallEnd {
+    pub fn new(
+        metrics: std::sync::Arc<RouteMetrics>,
+        start: std::time::Instant,
+        status: u16,
+        headers: &HeaderMap,
+        span: ActiveSpan,
+    ) -> Self {
+        CallEnd {
+            metrics,
+            start,
+            status,
+            grpc: grpc_status(headers),
+            span,
+        }
+    }
+
+    /// Records the call; `grpc` from trailers wins over the headers'.
+    pub fn finish(self, grpc: Option<u8>, error: Option<&'static str>) {
+        let grpc = grpc.or(self.grpc);
+        self.metrics
+            .record(self.status, grpc, error.is_some(), self.start.elapsed());
+        self.span.finish(self.status, grpc.map(i32::from), error);
+    }
+}
+
+/// `grpc-status` of headers or trailers.
+pub fn grpc_status(h: &HeaderMap) -> Option<u8> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -30,6 +75,23 @@ struct Upstream {
     deadline: Option<Pin<Box<Sleep>>>,
     grpc: bool,
     done: bool,
+    end: Option<CallEnd>,
+}
+
+impl Upstream {
+    fn finish(&mut self, grpc: Option<u8>, error: Option<&'static str>) {
+        if let Some(e) = self.end.take() {
+            e.finish(grpc, error);
+        }
+    }
+}
+
+impl Drop for Upstream {
+    /// A client that stops reading (or a body hyper stops polling once its length is
+    /// met) still ends the call.
+    fn drop(&mut self) {
+        self.finish(None, None);
+    }
 }
 
 impl ProxyBody {
@@ -46,6 +108,7 @@ impl ProxyBody {
         in_flight: Option<InFlight>,
         deadline: Option<tokio::time::Instant>,
         grpc: bool,
+        end: Option<CallEnd>,
     ) -> Self {
         ProxyBody(Kind::Upstream(Upstream {
             inner,
@@ -53,6 +116,7 @@ impl ProxyBody {
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             grpc,
             done: false,
+            end,
         }))
     }
 }
@@ -81,6 +145,7 @@ impl Body for ProxyBody {
                 {
                     u.deadline = None;
                     u.done = true;
+                    u.finish(u.grpc.then_some(4), Some("timeout"));
                     if u.grpc {
                         // A stream cut by its deadline still ends the way gRPC expects.
                         let mut t = HeaderMap::new();
@@ -100,9 +165,19 @@ impl Body for ProxyBody {
                 match Pin::new(&mut u.inner).poll_frame(cx) {
                     Poll::Ready(None) => {
                         u.done = true;
+                        u.finish(None, None);
                         Poll::Ready(None)
                     }
-                    Poll::Ready(Some(r)) => Poll::Ready(Some(r.map_err(Into::into))),
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let Some(t) = f.trailers_ref() {
+                            u.finish(grpc_status(t), None);
+                        }
+                        Poll::Ready(Some(Ok(f)))
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        u.finish(None, Some("upstream-reset"));
+                        Poll::Ready(Some(Err(e.into())))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }

@@ -24,8 +24,9 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::balance::{hash_ip, hash_key};
-use crate::body::ProxyBody;
+use crate::body::{CallEnd, ProxyBody};
 use crate::errors::ProxyError;
+use crate::metrics::RouteMetrics;
 use crate::state::{ServiceRt, Shared};
 use ferry_telemetry::{ActiveSpan, Call, Kind};
 
@@ -140,7 +141,8 @@ impl HttpProxy {
         let Some(svc) = self.service().await else {
             return ProxyError::UnknownService.to_response(grpc);
         };
-        let settings = svc.settings_for(req.uri().path());
+        let (route, settings) = svc.route_for(req.uri().path());
+        let calls = svc.calls(route, self.conn.inbound, &self.shared.metrics);
         let kind = if self.conn.inbound {
             Kind::Server
         } else {
@@ -199,7 +201,7 @@ impl HttpProxy {
         });
         let Some(ep) = set.pick(key, None).cloned() else {
             drop(set);
-            return self.fail(&svc, ProxyError::NoEndpoints, grpc, span);
+            return self.fail(&svc, ProxyError::NoEndpoints, grpc, span, (calls, start));
         };
         let set_len = set.endpoints.len();
         drop(set);
@@ -213,7 +215,7 @@ impl HttpProxy {
             Ok(uri) => *req.uri_mut() = uri,
             Err(e) => {
                 tracing::debug!(error = %e, "bad request uri");
-                return self.fail(&svc, ProxyError::UpstreamReset, grpc, span);
+                return self.fail(&svc, ProxyError::UpstreamReset, grpc, span, (calls, start));
             }
         }
         if let Some(d) = deadline
@@ -272,16 +274,23 @@ impl HttpProxy {
                     let elapsed = start.elapsed();
                     ep.observe(elapsed);
                     ep.connected();
-                    ep.statuses.inc(resp.status().as_u16());
-                    let grpc_status = resp
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok()?.parse().ok());
-                    span.finish(resp.status().as_u16(), grpc_status, None);
-                    svc.duration.observe(elapsed);
+                    let status = resp.status().as_u16();
+                    if let Some(s) = &ep.statuses {
+                        s.inc(status);
+                    }
+                    // Metrics and span are recorded when the body ends, with the gRPC
+                    // status from trailers.
+                    let end = CallEnd::new(
+                        calls.clone(),
+                        start.into_std(),
+                        status,
+                        resp.headers(),
+                        span,
+                    );
                     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client) = client_upgrade.take()
                     {
+                        end.finish(None, None);
                         let accepted = resp.headers().get(header::UPGRADE).cloned();
                         tunnel(client, hyper::upgrade::on(&mut resp), in_flight);
                         strip_hop_by_hop(resp.headers_mut(), false);
@@ -293,7 +302,9 @@ impl HttpProxy {
                         return resp.map(|_| ProxyBody::empty());
                     }
                     strip_hop_by_hop(resp.headers_mut(), false);
-                    return resp.map(|b| ProxyBody::upstream(b, Some(in_flight), deadline, grpc));
+                    return resp.map(|b| {
+                        ProxyBody::upstream(b, Some(in_flight), deadline, grpc, Some(end))
+                    });
                 }
                 Err(e) => {
                     drop(in_flight);
@@ -319,7 +330,7 @@ impl HttpProxy {
                         _ => None,
                     };
                     let Some(((method, headers, version, pq), next)) = next else {
-                        return self.fail(&svc, e, grpc, span);
+                        return self.fail(&svc, e, grpc, span, (calls, start));
                     };
                     attempt += 1;
                     tracing::debug!(service = %svc.name, from = %ep.addr, to = %next.addr, attempt, "retrying");
@@ -335,15 +346,23 @@ impl HttpProxy {
         }
     }
 
+    /// A response ferry makes itself, recorded as the call's end.
     fn fail(
         &self,
         svc: &ServiceRt,
         e: ProxyError,
         grpc: bool,
         span: ActiveSpan,
+        (calls, start): (&RouteMetrics, Instant),
     ) -> Response<ProxyBody> {
         self.shared.metrics.error(&svc.name, e.reason());
         let status = if grpc { 200 } else { e.http_status().as_u16() };
+        calls.record(
+            status,
+            grpc.then_some(e.grpc_status()),
+            true,
+            start.elapsed(),
+        );
         span.finish(
             status,
             grpc.then_some(e.grpc_status() as i32),

@@ -13,16 +13,32 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
+/// A finished call: where it went and how it ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+pub struct CallLabels {
+    pub direction: &'static str,
     pub service: String,
-    pub endpoint: String,
-    pub status: u16,
+    pub route: String,
+    pub status_code: u16,
+    /// The gRPC status from trailers (or a trailers-only response); empty for HTTP.
+    pub grpc_status: &'static str,
+    pub classification: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ServiceLabels {
+pub struct DurationLabels {
+    pub direction: &'static str,
     pub service: String,
+    pub route: String,
+    pub classification: &'static str,
+}
+
+/// Per-endpoint series, only with `metrics-endpoint-labels: true`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub endpoint: String,
+    pub status_code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,8 +67,9 @@ pub struct ReasonLabels {
 /// Every metric the proxy records, registered once.
 #[derive(Clone, Default)]
 pub struct Metrics {
-    pub requests: Family<RequestLabels, Counter>,
-    pub duration: Family<ServiceLabels, AtomicHistogram>,
+    pub requests: Family<CallLabels, Counter>,
+    pub duration: Family<DurationLabels, AtomicHistogram>,
+    pub endpoint_requests: Family<EndpointLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub connections: Family<ConnLabels, Counter>,
     pub policy_reloads: Counter,
@@ -66,13 +83,22 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "ferry_requests",
-            "HTTP and gRPC requests proxied, by service, endpoint and response status",
+            "HTTP and gRPC calls proxied, by direction, service, route, HTTP status, gRPC \
+             status (from trailers) and classification (failure: 5xx, a gRPC status other \
+             than OK, or a response ferry made)",
             self.requests.clone(),
         );
         registry.register(
             "ferry_request_duration_seconds",
-            "Time from request to response headers, by service",
+            "Time from request to the end of the response body (the whole call, streams \
+             included), by direction, service, route and classification",
             self.duration.clone(),
+        );
+        registry.register(
+            "ferry_endpoint_requests",
+            "Calls by endpoint and HTTP status (only with metrics-endpoint-labels: true; \
+             series of endpoints that are gone expire)",
+            self.endpoint_requests.clone(),
         );
         registry.register(
             "ferry_errors",
@@ -125,8 +151,9 @@ impl Metrics {
 }
 
 /// Counters of one endpoint's responses, one lazily created slot per status code.
+/// Their series are removed when the endpoint is gone, so rollouts do not grow them.
 pub struct StatusCounters {
-    family: Family<RequestLabels, Counter>,
+    family: Family<EndpointLabels, Counter>,
     service: Arc<str>,
     endpoint: String,
     slots: Box<[OnceLock<Counter>]>,
@@ -134,7 +161,7 @@ pub struct StatusCounters {
 
 impl StatusCounters {
     pub fn new(
-        family: &Family<RequestLabels, Counter>,
+        family: &Family<EndpointLabels, Counter>,
         service: Arc<str>,
         endpoint: String,
     ) -> Self {
@@ -156,19 +183,133 @@ impl StatusCounters {
         };
     }
 
+    fn labels(&self, status_code: u16) -> EndpointLabels {
+        EndpointLabels {
+            service: self.service.to_string(),
+            endpoint: self.endpoint.clone(),
+            status_code,
+        }
+    }
+
     fn create(&self, status: u16) -> Counter {
+        self.family.get_or_create(&self.labels(status)).clone()
+    }
+}
+
+impl Drop for StatusCounters {
+    fn drop(&mut self) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.get().is_some() {
+                self.family.remove(&self.labels(100 + i as u16));
+            }
+        }
+    }
+}
+
+/// gRPC status codes as label values, so a label costs no allocation.
+const GRPC_CODES: [&str; 17] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+];
+
+/// HTTP statuses with a preallocated counter slot; others take the family's map.
+const COMMON: [u16; 16] = [
+    200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 409, 429, 500, 502, 503, 504,
+];
+
+/// Whether a call failed, as dashboards count it: a 5xx, a gRPC status other than OK.
+pub fn is_failure(status: u16, grpc: Option<u8>) -> bool {
+    status >= 500 || grpc.is_some_and(|g| g != 0)
+}
+
+/// The metric handles of one service, route and direction, resolved once; recording a
+/// call with a common status is a few atomic adds and no allocation.
+pub struct RouteMetrics {
+    family: Family<CallLabels, Counter>,
+    direction: &'static str,
+    service: String,
+    route: String,
+    http: [OnceLock<Counter>; COMMON.len()],
+    /// HTTP 200 with a gRPC status, by code.
+    grpc: [OnceLock<Counter>; GRPC_CODES.len()],
+    success: AtomicHistogram,
+    failure: AtomicHistogram,
+}
+
+impl RouteMetrics {
+    pub fn new(metrics: &Metrics, direction: &'static str, service: &str, route: &str) -> Self {
+        let hist = |classification| {
+            metrics
+                .duration
+                .get_or_create(&DurationLabels {
+                    direction,
+                    service: service.to_string(),
+                    route: route.to_string(),
+                    classification,
+                })
+                .clone()
+        };
+        RouteMetrics {
+            family: metrics.requests.clone(),
+            direction,
+            service: service.to_string(),
+            route: route.to_string(),
+            http: Default::default(),
+            grpc: Default::default(),
+            success: hist("success"),
+            failure: hist("failure"),
+        }
+    }
+
+    /// Records a finished call; `proxy_error` when ferry made or cut the response.
+    pub fn record(
+        &self,
+        status: u16,
+        grpc: Option<u8>,
+        proxy_error: bool,
+        elapsed: std::time::Duration,
+    ) {
+        let failed = proxy_error || is_failure(status, grpc);
+        let slot = match grpc {
+            _ if proxy_error => None,
+            Some(g) if status == 200 => self.grpc.get(g as usize),
+            Some(_) => None,
+            None => COMMON
+                .iter()
+                .position(|c| *c == status)
+                .map(|i| &self.http[i]),
+        };
+        match slot {
+            Some(s) => s.get_or_init(|| self.create(status, grpc, false)).inc(),
+            None => self.create(status, grpc, failed).inc(),
+        };
+        if failed {
+            self.failure.observe(elapsed)
+        } else {
+            self.success.observe(elapsed)
+        }
+    }
+
+    fn create(&self, status_code: u16, grpc: Option<u8>, failed: bool) -> Counter {
+        let failed = failed || is_failure(status_code, grpc);
         self.family
-            .get_or_create(&RequestLabels {
-                service: self.service.to_string(),
-                endpoint: self.endpoint.clone(),
-                status,
+            .get_or_create(&CallLabels {
+                direction: self.direction,
+                service: self.service.clone(),
+                route: self.route.clone(),
+                status_code,
+                grpc_status: grpc
+                    .and_then(|g| GRPC_CODES.get(g as usize).copied())
+                    .unwrap_or(if grpc.is_some() { "unknown" } else { "" }),
+                classification: if failed { "failure" } else { "success" },
             })
             .clone()
     }
 }
 
-const BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+/// OpenTelemetry's suggested bounds for HTTP durations, with two finer ones below 5 ms
+/// since a sidecar hop is often faster than that.
+const BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
 /// A lock-free histogram of seconds with fixed buckets.
@@ -231,38 +372,33 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn histogram_and_counters_encode_as_prometheus_text() {
+    fn calls_encode_with_direction_route_status_and_classification() {
         let m = Metrics::default();
         let mut reg = Registry::default();
         m.register(&mut reg);
-        let h = m
-            .duration
-            .get_or_create(&ServiceLabels {
-                service: "web".into(),
-            })
-            .clone();
-        h.observe(Duration::from_millis(3));
-        h.observe(Duration::from_secs(60));
-        let sc = StatusCounters::new(&m.requests, "web".into(), "127.0.0.1:1".into());
+        let r = RouteMetrics::new(&m, "outbound", "web", "/api");
+        r.record(200, None, false, Duration::from_millis(3));
+        r.record(200, None, false, Duration::from_millis(3));
+        r.record(418, None, false, Duration::from_millis(3));
+        r.record(200, Some(5), false, Duration::from_secs(60));
+        let sc = StatusCounters::new(&m.endpoint_requests, "web".into(), "127.0.0.1:1".into());
         sc.inc(200);
-        sc.inc(200);
-        sc.inc(999);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
-        assert!(
-            text.contains(
-                r#"ferry_requests_total{service="web",endpoint="127.0.0.1:1",status="200"} 2"#
-            ),
-            "{text}"
-        );
-        assert!(text.contains(r#"status="999"} 1"#), "{text}");
-        assert!(
-            text.contains(r#"ferry_request_duration_seconds_bucket{le="0.005",service="web"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"ferry_request_duration_seconds_count{service="web"} 2"#),
-            "{text}"
-        );
+        for want in [
+            r#"ferry_requests_total{direction="outbound",service="web",route="/api",status_code="200",grpc_status="",classification="success"} 2"#,
+            r#"ferry_requests_total{direction="outbound",service="web",route="/api",status_code="418",grpc_status="",classification="success"} 1"#,
+            r#"ferry_requests_total{direction="outbound",service="web",route="/api",status_code="200",grpc_status="5",classification="failure"} 1"#,
+            r#"ferry_request_duration_seconds_bucket{le="0.005",direction="outbound",service="web",route="/api",classification="success"} 3"#,
+            r#"ferry_request_duration_seconds_count{direction="outbound",service="web",route="/api",classification="failure"} 1"#,
+            r#"ferry_endpoint_requests_total{service="web",endpoint="127.0.0.1:1",status_code="200"} 1"#,
+        ] {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+        // An endpoint that is gone takes its series with it.
+        drop(sc);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(!text.contains("127.0.0.1:1"), "{text}");
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, Guard};
@@ -19,7 +19,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::balance::{Endpoint, EndpointSet};
 use crate::discovery::{Addr, Discover, DstWatch, Resolved};
 use crate::locality::{LocalityState, Place, Plan};
-use crate::metrics::{AtomicHistogram, Metrics, ServiceLabels, StatusCounters};
+use crate::metrics::{Metrics, RouteMetrics, StatusCounters};
 
 /// How long an idle pooled connection is kept. Below the 10 s header-read timeout that
 /// peers (ferry included) use to close idle keep-alive connections, so a pooled
@@ -98,7 +98,11 @@ pub struct ServiceRt {
     pub routes: Vec<(RouteMatch, Settings)>,
     endpoints: arc_swap::ArcSwap<EndpointSet>,
     pub clients: Clients,
-    pub duration: AtomicHistogram,
+    /// Per route (0: none matched, then the routes in order) and direction (outbound,
+    /// inbound): metric handles, made at a route's first call.
+    calls: Box<[[OnceLock<Arc<RouteMetrics>>; 2]]>,
+    /// Per-endpoint series (`metrics-endpoint-labels`).
+    endpoint_labels: bool,
     pub retry_budget: Arc<RetryBudget>,
     /// Send HTTP/1 requests upstream as HTTP/2 (the upstream declared h2c).
     pub h2: bool,
@@ -110,13 +114,27 @@ pub struct ServiceRt {
 }
 
 impl ServiceRt {
-    /// The settings of the first route matching `path`, else the service's.
-    pub fn settings_for(&self, path: &str) -> &Settings {
+    /// The first route matching `path` (its index, 1-based; 0 for none) and its
+    /// settings, else the service's.
+    pub fn route_for(&self, path: &str) -> (usize, &Settings) {
         self.routes
             .iter()
-            .find(|(m, _)| m.matches(path))
-            .map(|(_, s)| s)
-            .unwrap_or(&self.settings)
+            .enumerate()
+            .find(|(_, (m, _))| m.matches(path))
+            .map(|(i, (_, s))| (i + 1, s))
+            .unwrap_or((0, &self.settings))
+    }
+
+    /// The metric handles for calls on route `route` (from [`ServiceRt::route_for`]).
+    pub fn calls(&self, route: usize, inbound: bool, metrics: &Metrics) -> &Arc<RouteMetrics> {
+        self.calls[route][inbound as usize].get_or_init(|| {
+            let name = match route {
+                0 => String::new(),
+                i => route_label(&self.routes[i - 1].0),
+            };
+            let direction = if inbound { "inbound" } else { "outbound" };
+            Arc::new(RouteMetrics::new(metrics, direction, &self.name, &name))
+        })
     }
 
     pub fn endpoints(&self) -> Guard<Arc<EndpointSet>> {
@@ -130,7 +148,13 @@ impl ServiceRt {
     /// Replaces the address list, keeping the state of endpoints that remain.
     fn set_addrs(&self, addrs: &[Addr], metrics: &Metrics) {
         let old = self.endpoints.load();
-        let eps = reuse_endpoints(&self.name, addrs, &old.endpoints, metrics);
+        let eps = reuse_endpoints(
+            &self.name,
+            addrs,
+            &old.endpoints,
+            metrics,
+            self.endpoint_labels,
+        );
         self.endpoints.store(Arc::new(EndpointSet::new(
             eps,
             self.settings.lb,
@@ -147,19 +171,31 @@ fn reuse_endpoints(
     addrs: &[Addr],
     old: &[Arc<Endpoint>],
     metrics: &Metrics,
+    endpoint_labels: bool,
 ) -> Vec<Arc<Endpoint>> {
     addrs
         .iter()
         .map(|a| {
             old.iter()
-                .find(|e| e.addr == a.addr && e.place == a.place && e.hints == a.hints)
+                .find(|e| {
+                    e.addr == a.addr
+                        && e.place == a.place
+                        && e.hints == a.hints
+                        && e.statuses.is_some() == endpoint_labels
+                })
                 .cloned()
                 .unwrap_or_else(|| {
                     Arc::new(Endpoint::new(
                         a.addr,
                         a.place.clone(),
                         a.hints.clone(),
-                        StatusCounters::new(&metrics.requests, service.clone(), a.addr.to_string()),
+                        endpoint_labels.then(|| {
+                            StatusCounters::new(
+                                &metrics.endpoint_requests,
+                                service.clone(),
+                                a.addr.to_string(),
+                            )
+                        }),
                     ))
                 })
         })
@@ -204,11 +240,12 @@ impl Runtime {
         map.entry(dst)
             .or_insert_with(|| {
                 let name: Arc<str> = Arc::from(dst.to_string());
-                let eps = reuse_endpoints(&name, &[Addr::from(dst)], &[], metrics);
+                let eps = reuse_endpoints(&name, &[Addr::from(dst)], &[], metrics, false);
                 let locality = LocalityState::new(name.clone(), metrics);
                 let plan = Plan::off();
                 Arc::new(ServiceRt {
-                    duration: duration_for(&name, metrics),
+                    calls: call_slots(0),
+                    endpoint_labels: false,
                     endpoints: ArcSwap::from_pointee(EndpointSet::new(
                         eps,
                         self.defaults.lb,
@@ -249,13 +286,18 @@ fn routes_for(spec: &ferry_policy::Service, settings: &Settings) -> Vec<(RouteMa
         .collect()
 }
 
-fn duration_for(name: &str, metrics: &Metrics) -> AtomicHistogram {
-    metrics
-        .duration
-        .get_or_create(&ServiceLabels {
-            service: name.to_string(),
-        })
-        .clone()
+/// A route as its metric label: the path prefix or the gRPC method it matches.
+fn route_label(m: &RouteMatch) -> String {
+    match m {
+        RouteMatch::PathPrefix(p) => p.clone(),
+        RouteMatch::GrpcMethod { service, method } => {
+            format!("{service}/{}", method.as_deref().unwrap_or("*"))
+        }
+    }
+}
+
+fn call_slots(routes: usize) -> Box<[[OnceLock<Arc<RouteMetrics>>; 2]]> {
+    (0..=routes).map(|_| Default::default()).collect()
 }
 
 /// How long a new destination waits for discovery's first answer before it is passed
@@ -474,7 +516,8 @@ impl Shared {
             .filter(|p| p.name == r.name)
             .map(|p| p.endpoints().endpoints.clone())
             .unwrap_or_default();
-        let eps = reuse_endpoints(&r.name, &r.addrs, &old_eps, &self.metrics);
+        let endpoint_labels = rt.policy.metrics_endpoint_labels();
+        let eps = reuse_endpoints(&r.name, &r.addrs, &old_eps, &self.metrics, endpoint_labels);
         let token = CancellationToken::new();
         // The pod's ferry.dev/zone and region win over its node's labels.
         let plan = Plan {
@@ -493,7 +536,8 @@ impl Shared {
             retry_budget: prev
                 .map(|p| p.retry_budget.clone())
                 .unwrap_or_else(|| Arc::new(RetryBudget::new())),
-            duration: duration_for(&r.name, &self.metrics),
+            calls: call_slots(routes.len()),
+            endpoint_labels,
             name: r.name.clone(),
             version: rt.version,
             endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb, &plan, &locality)),
@@ -579,7 +623,8 @@ fn compile(
         let old_eps = prev
             .map(|p| p.endpoints().endpoints.clone())
             .unwrap_or_default();
-        let eps = reuse_endpoints(&name_arc, &addrs, &old_eps, metrics);
+        let endpoint_labels = policy.metrics_endpoint_labels();
+        let eps = reuse_endpoints(&name_arc, &addrs, &old_eps, metrics, endpoint_labels);
         let retry_budget = prev
             .map(|p| p.retry_budget.clone())
             .unwrap_or_else(|| Arc::new(RetryBudget::new()));
@@ -594,7 +639,8 @@ fn compile(
             .unwrap_or_else(|| LocalityState::new(name_arc.clone(), metrics));
         let svc = Arc::new(ServiceRt {
             retry_budget,
-            duration: duration_for(name, metrics),
+            calls: call_slots(routes.len()),
+            endpoint_labels,
             name: name_arc,
             version,
             endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb, &plan, &locality)),

@@ -243,6 +243,27 @@ impl Tracer {
     }
 }
 
+/// gRPC status names, as `error.type` of a failed call.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
 /// Sampled when the trace id's low 64 bits fall under the ratio, so every hop that
 /// samples by ratio agrees on the same trace.
 fn ratio_sampled(trace_id: u128, ratio: f64) -> bool {
@@ -333,7 +354,13 @@ impl ActiveSpan {
         if let Some(e) = error {
             attrs.push(KeyValue::new("error.type", e));
         } else if failed {
-            attrs.push(KeyValue::new("error.type", http_status.to_string()));
+            let t = match grpc_status {
+                Some(g) if g != 0 => GRPC_CODES
+                    .get(g as usize)
+                    .map_or_else(|| g.to_string(), |n| n.to_string()),
+                _ => http_status.to_string(),
+            };
+            attrs.push(KeyValue::new("error.type", t));
         }
         let status = if failed {
             Status::error(error.unwrap_or("request failed"))
