@@ -352,6 +352,19 @@ async fn retries_route_around_a_dead_endpoint() {
         dead_state["consecutive_failures"].as_u64() >= Some(3),
         "{eps}"
     );
+    // Each refused connect was retried on the live endpoint; the third ejected it.
+    // (More if the test is slow enough for the ejection to lapse once.)
+    let m = f.metrics().await;
+    let value = |series: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        value(r#"ferry_retries_total{service="web",reason="connect-failed"}"#) >= 3,
+        "{m}"
+    );
+    assert!(value(r#"ferry_ejections_total{service="web"}"#) >= 1, "{m}");
 }
 
 #[tokio::test]

@@ -67,4 +67,38 @@ async fn non_http_bytes_pass_through_and_server_first_protocols_do_not_stall() {
         m.contains("ferry_tcp_connections_total{listener=\"raw\",protocol=\"opaque\"} 1"),
         "{m}"
     );
+    // Per service: opened and closed, none open now, and every byte each way.
+    let req = b"GET / HTTP/1.1\r\nnot: parsed\r\n\r\n".len();
+    let bytes = payload.len() + req;
+    let smtp_in = 0;
+    let smtp_out = ferry_demo::BANNER.len();
+    let mut want = vec![
+        r#"ferry_tcp_opened_total{direction="outbound",service="echo"} 2"#.to_string(),
+        r#"ferry_tcp_open_connections{direction="outbound",service="echo"} 0"#.to_string(),
+        format!(r#"ferry_tcp_received_bytes_total{{direction="outbound",service="echo"}} {bytes}"#),
+        format!(r#"ferry_tcp_sent_bytes_total{{direction="outbound",service="echo"}} {bytes}"#),
+        format!(
+            r#"ferry_tcp_received_bytes_total{{direction="outbound",service="smtp"}} {smtp_in}"#
+        ),
+    ];
+    want.push(r#"ferry_tcp_closed_total{direction="outbound",service="echo"} 2"#.to_string());
+    let ok = support::eventually(Duration::from_secs(5), || async {
+        let m = f.metrics().await;
+        want.iter().all(|w| m.contains(w.as_str()))
+    })
+    .await;
+    let m = f.metrics().await;
+    assert!(ok, "missing some of {want:?}\n{m}");
+    // The smtp connection is still open: counted as open, its greeting as sent.
+    assert!(
+        m.contains(r#"ferry_tcp_open_connections{direction="outbound",service="smtp"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            r#"ferry_tcp_sent_bytes_total{{direction="outbound",service="smtp"}} {smtp_out}"#
+        )),
+        "{m}"
+    );
+    drop(s);
 }

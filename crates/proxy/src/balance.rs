@@ -52,6 +52,8 @@ pub struct Endpoint {
     probing: AtomicBool,
     /// Per-endpoint status counters, with `metrics-endpoint-labels: true` only.
     pub statuses: Option<StatusCounters>,
+    /// The service's ejection counter.
+    ejections: Counter,
 }
 
 fn epoch() -> Instant {
@@ -84,7 +86,14 @@ impl Endpoint {
             ejected_until: AtomicU64::new(0),
             probing: AtomicBool::new(false),
             statuses,
+            ejections: Counter::default(),
         }
+    }
+
+    /// Counts this endpoint's ejections in `c` (the service's counter).
+    pub fn count_ejections(mut self, c: Counter) -> Self {
+        self.ejections = c;
+        self
     }
 
     pub fn in_flight(&self) -> usize {
@@ -112,6 +121,9 @@ impl Endpoint {
             let backoff = EJECT_BASE
                 .saturating_mul(1 << (n - EJECT_AFTER).min(5))
                 .min(EJECT_MAX);
+            if !self.is_ejected() {
+                self.ejections.inc();
+            }
             self.ejected_until
                 .store(now_ns() + backoff.as_nanos() as u64, Ordering::Relaxed);
             self.probe();

@@ -317,10 +317,11 @@ impl HttpProxy {
                     if retryable {
                         ep.connect_failed();
                     }
-                    let may_retry = retryable
-                        && attempt < max_retries
-                        && retry_parts.is_some()
-                        && svc.retry_budget.withdraw();
+                    let wanted = retryable && attempt < max_retries && retry_parts.is_some();
+                    let may_retry = wanted && svc.retry_budget.withdraw();
+                    if wanted && !may_retry {
+                        self.shared.metrics.budget_exhausted(&svc.name);
+                    }
                     let next = match (&retry_parts, may_retry) {
                         (Some(parts), true) => svc
                             .endpoints()
@@ -333,6 +334,7 @@ impl HttpProxy {
                         return self.fail(&svc, e, grpc, span, (calls, start));
                     };
                     attempt += 1;
+                    self.shared.metrics.retry(&svc.name, e.reason());
                     tracing::debug!(service = %svc.name, from = %ep.addr, to = %next.addr, attempt, "retrying");
                     let mut r = Request::new(ReqBody::Right(Empty::new()));
                     *r.method_mut() = method.clone();

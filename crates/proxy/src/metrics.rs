@@ -54,6 +54,18 @@ pub struct ConnLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: &'static str,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub service: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
     pub service: String,
     pub tier: &'static str,
@@ -77,6 +89,20 @@ pub struct Metrics {
     pub locality_requests: Family<TierLabels, Counter>,
     pub locality_share: Family<TierLabels, Gauge<f64, AtomicU64>>,
     pub locality_endpoints: Family<TierLabels, Gauge>,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_open: Family<TcpLabels, Gauge>,
+    pub tcp_received: Family<TcpLabels, Counter>,
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub budget_exhausted: Family<ServiceLabels, Counter>,
+    pub ejections: Family<ServiceLabels, Counter>,
+    pub discovery_destinations: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
 }
 
 impl Metrics {
@@ -128,10 +154,72 @@ impl Metrics {
             self.locality_share.clone(),
         );
         registry.register(
+            "ferry_tcp_opened",
+            "Opaque TCP connections proxied, by direction and service",
+            self.tcp_opened.clone(),
+        );
+        registry.register(
+            "ferry_tcp_closed",
+            "Opaque TCP connections ended, by direction and service",
+            self.tcp_closed.clone(),
+        );
+        registry.register(
+            "ferry_tcp_open_connections",
+            "Opaque TCP connections open now, by direction and service",
+            self.tcp_open.clone(),
+        );
+        registry.register(
+            "ferry_tcp_received_bytes",
+            "Bytes received from clients on opaque TCP connections",
+            self.tcp_received.clone(),
+        );
+        registry.register(
+            "ferry_tcp_sent_bytes",
+            "Bytes sent to clients on opaque TCP connections",
+            self.tcp_sent.clone(),
+        );
+        registry.register(
+            "ferry_retries",
+            "Requests retried on another endpoint, by service and reason",
+            self.retries.clone(),
+        );
+        registry.register(
+            "ferry_retry_budget_exhausted",
+            "Retries not made because the service's retry budget was spent",
+            self.budget_exhausted.clone(),
+        );
+        registry.register(
+            "ferry_ejections",
+            "Endpoints passed over after consecutive connection failures, by service",
+            self.ejections.clone(),
+        );
+        registry.register(
+            "ferry_discovery_destinations",
+            "Destinations followed through the discovery controller",
+            self.discovery_destinations.clone(),
+        );
+        registry.register(
             "ferry_locality_endpoints",
             "Endpoints of a service in each locality tier",
             self.locality_endpoints.clone(),
         );
+    }
+
+    pub fn retry(&self, service: &str, reason: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                service: service.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn budget_exhausted(&self, service: &str) {
+        self.budget_exhausted
+            .get_or_create(&ServiceLabels {
+                service: service.to_string(),
+            })
+            .inc();
     }
 
     pub fn passthrough(&self, reason: &'static str) {

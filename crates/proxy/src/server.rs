@@ -222,8 +222,10 @@ async fn serve_conn(
     let ctx = Arc::new(ctx);
     match proto {
         Protocol::Opaque => {
-            let (dst, connect_timeout) = opaque_dst(&shared, &ctx).await?;
-            tcp::forward(stream, prefix, dst, connect_timeout).await?;
+            let (dst, connect_timeout, service) = opaque_dst(&shared, &ctx).await?;
+            let direction = if ctx.inbound { "inbound" } else { "outbound" };
+            let stats = tcp::TcpStats::open(&shared.metrics, direction, &service);
+            tcp::forward(stream, prefix, dst, connect_timeout, &stats).await?;
         }
         Protocol::Http1 => {
             let clock = HeadClock::new(idle_timeout);
@@ -288,7 +290,10 @@ where
 }
 
 /// Where an opaque connection goes: the service's balancer, or the destination itself.
-async fn opaque_dst(shared: &Arc<Shared>, ctx: &ConnCtx) -> anyhow::Result<(SocketAddr, Duration)> {
+async fn opaque_dst(
+    shared: &Arc<Shared>,
+    ctx: &ConnCtx,
+) -> anyhow::Result<(SocketAddr, Duration, Arc<str>)> {
     let rt = shared.load_full();
     let svc = shared
         .resolve(&rt, ctx.target)
@@ -303,5 +308,5 @@ async fn opaque_dst(shared: &Arc<Shared>, ctx: &ConnCtx) -> anyhow::Result<(Sock
         shared.metrics.error(&svc.name, "no-endpoints");
         anyhow::anyhow!("service {} has no endpoints", svc.name)
     })?;
-    Ok((ep.addr, svc.settings.connect_timeout))
+    Ok((ep.addr, svc.settings.connect_timeout, svc.name.clone()))
 }

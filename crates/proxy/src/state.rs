@@ -19,7 +19,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::balance::{Endpoint, EndpointSet};
 use crate::discovery::{Addr, Discover, DstWatch, Resolved};
 use crate::locality::{LocalityState, Place, Plan};
-use crate::metrics::{Metrics, RouteMetrics, StatusCounters};
+use crate::metrics::{Metrics, RouteMetrics, ServiceLabels, StatusCounters};
 
 /// How long an idle pooled connection is kept. Below the 10 s header-read timeout that
 /// peers (ferry included) use to close idle keep-alive connections, so a pooled
@@ -185,18 +185,27 @@ fn reuse_endpoints(
                 })
                 .cloned()
                 .unwrap_or_else(|| {
-                    Arc::new(Endpoint::new(
-                        a.addr,
-                        a.place.clone(),
-                        a.hints.clone(),
-                        endpoint_labels.then(|| {
-                            StatusCounters::new(
-                                &metrics.endpoint_requests,
-                                service.clone(),
-                                a.addr.to_string(),
-                            )
-                        }),
-                    ))
+                    let ejections = metrics
+                        .ejections
+                        .get_or_create(&ServiceLabels {
+                            service: service.to_string(),
+                        })
+                        .clone();
+                    Arc::new(
+                        Endpoint::new(
+                            a.addr,
+                            a.place.clone(),
+                            a.hints.clone(),
+                            endpoint_labels.then(|| {
+                                StatusCounters::new(
+                                    &metrics.endpoint_requests,
+                                    service.clone(),
+                                    a.addr.to_string(),
+                                )
+                            }),
+                        )
+                        .count_ejections(ejections),
+                    )
                 })
         })
         .collect()
@@ -434,17 +443,21 @@ impl Shared {
         }
         let sub = {
             let mut map = self.dst.lock().expect("dst map poisoned");
+            let followed = map.len() as i64;
             let entry = match map.entry(dst) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => match self.discover.resolve(dst) {
-                    Some(sub) => v.insert(DstEntry {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let Some(sub) = self.discover.resolve(dst) else {
+                        return rt.passthrough(dst, &self.metrics);
+                    };
+                    self.metrics.discovery_destinations.set(followed + 1);
+                    v.insert(DstEntry {
                         sub,
                         svc: None,
                         last_used: std::time::Instant::now(),
                         logged: false,
-                    }),
-                    None => return rt.passthrough(dst, &self.metrics),
-                },
+                    })
+                }
             };
             entry.last_used = std::time::Instant::now();
             if let Some(now) = &*entry.sub.borrow()
@@ -578,6 +591,7 @@ impl Shared {
             let now = std::time::Instant::now();
             let mut map = self.dst.lock().expect("dst map poisoned");
             map.retain(|_, e| now.duration_since(e.last_used) < idle);
+            self.metrics.discovery_destinations.set(map.len() as i64);
         }
     }
 
