@@ -15,6 +15,7 @@ use support::{Conn, Ferry, eventually};
 /// A span as the collector printed it.
 #[derive(Clone, Debug, Default)]
 struct Span {
+    name: String,
     trace: String,
     parent: String,
     id: String,
@@ -130,7 +131,9 @@ impl Collector {
                 t.strip_prefix(p)
                     .map(|v| v.trim_start_matches([' ', ':']).trim().to_string())
             };
-            if let Some(v) = field("Trace ID") {
+            if let Some(v) = field("Name") {
+                s.name = v;
+            } else if let Some(v) = field("Trace ID") {
                 s.trace = v;
             } else if let Some(v) = field("Parent ID") {
                 s.parent = v;
@@ -533,4 +536,50 @@ async fn a_grpc_status_in_trailers_is_on_both_spans() {
             "{svc}: {span:?}"
         );
     }
+}
+
+/// A matched route names the span (`GET /status`) and is its `http.route`.
+#[tokio::test]
+async fn a_matched_route_names_the_span() {
+    let c = Collector::start();
+    let app = HttpUpstream::start("app").await.unwrap();
+    let policy = format!(
+        "admin: 127.0.0.1:0\nlisteners: [{{name: out, bind: \"127.0.0.1:0\", service: app}}]\n\
+         services:\n  app:\n    endpoints: [\"{}\"]\n    routes:\n      - match: {{path-prefix: /status}}\n        timeout: 2s\n",
+        app.addr
+    );
+    let a = with_env(
+        &policy,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", c.grpc)),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+            ("OTEL_SERVICE_NAME", "app-route".into()),
+        ],
+    );
+    let mut conn = Conn::open(a.addr("out")).await.unwrap();
+    assert_eq!(conn.get("/status/201").await.unwrap().0, 201);
+    assert_eq!(conn.get("/").await.unwrap().0, 200);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            c.spans_of("app-route").len() >= 2
+        })
+        .await,
+        "spans never arrived"
+    );
+    let spans = c.spans_of("app-route");
+    let routed = spans
+        .iter()
+        .find(|s| s.attrs.get("url.path").map(String::as_str) == Some("/status/201"))
+        .unwrap();
+    assert_eq!(routed.name, "GET /status", "{routed:?}");
+    assert_eq!(
+        routed.attrs.get("http.route").map(String::as_str),
+        Some("/status")
+    );
+    let other = spans
+        .iter()
+        .find(|s| s.attrs.get("url.path").map(String::as_str) == Some("/"))
+        .unwrap();
+    assert_eq!(other.name, "GET", "{other:?}");
+    assert!(!other.attrs.contains_key("http.route"), "{other:?}");
 }

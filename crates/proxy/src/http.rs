@@ -155,6 +155,7 @@ impl HttpProxy {
             path: parts.uri.path(),
             grpc,
             peer: self.conn.peer,
+            route: calls.route(),
         };
         let mut span = self.shared.tracer.start(
             call,
@@ -335,6 +336,7 @@ impl HttpProxy {
                     };
                     attempt += 1;
                     self.shared.metrics.retry(&svc.name, e.reason());
+                    span.retry(attempt, ep.addr, e.reason());
                     tracing::debug!(service = %svc.name, from = %ep.addr, to = %next.addr, attempt, "retrying");
                     let mut r = Request::new(ReqBody::Right(Empty::new()));
                     *r.method_mut() = method.clone();

@@ -348,6 +348,11 @@ impl RouteMetrics {
         }
     }
 
+    /// The route's label (empty when no route matched).
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
     /// Records a finished call; `proxy_error` when ferry made or cut the response.
     pub fn record(
         &self,

@@ -48,6 +48,8 @@ pub struct Call<'a> {
     pub grpc: bool,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The matched route (`/api`, `pkg.Svc/*`), empty when none matched.
+    pub route: &'a str,
 }
 
 /// `OTEL_TRACES_SAMPLER`, when set: it overrides the policy's ratio.
@@ -202,6 +204,7 @@ impl Tracer {
             path,
             grpc,
             peer,
+            route,
         } = call;
         if !headers.contains_key("x-request-id") {
             headers.insert("x-request-id", request_id());
@@ -238,7 +241,9 @@ impl Tracer {
             path: path.to_string(),
             grpc,
             peer,
+            route: route.to_string(),
             endpoint: None,
+            events: Vec::new(),
         })))
     }
 }
@@ -297,7 +302,9 @@ struct Recording {
     path: String,
     grpc: bool,
     peer: SocketAddr,
+    route: String,
     endpoint: Option<SocketAddr>,
+    events: Vec<opentelemetry::trace::Event>,
 }
 
 /// A request's span; recording only when sampled and exporting, free otherwise.
@@ -311,6 +318,22 @@ impl ActiveSpan {
     pub fn set_endpoint(&mut self, addr: SocketAddr) {
         if let Some(r) = &mut self.0 {
             r.endpoint = Some(addr);
+        }
+    }
+
+    /// Notes a retry: which attempt failed where, and why.
+    pub fn retry(&mut self, attempt: u32, from: SocketAddr, reason: &'static str) {
+        if let Some(r) = &mut self.0 {
+            r.events.push(opentelemetry::trace::Event::new(
+                "retry",
+                SystemTime::now(),
+                vec![
+                    KeyValue::new("ferry.attempt", attempt as i64),
+                    KeyValue::new("ferry.endpoint", from.to_string()),
+                    KeyValue::new("ferry.error", reason),
+                ],
+                0,
+            ));
         }
     }
 
@@ -340,6 +363,10 @@ impl ActiveSpan {
                 attrs.push(KeyValue::new("rpc.method", method.to_string()));
                 Cow::Owned(format!("{service}/{method}"))
             }
+            _ if !r.route.is_empty() => {
+                attrs.push(KeyValue::new("http.route", r.route.clone()));
+                Cow::Owned(format!("{} {}", r.method.as_str(), r.route))
+            }
             _ => Cow::Owned(r.method.as_str().to_string()),
         };
         if let Some(g) = grpc_status {
@@ -353,6 +380,8 @@ impl ActiveSpan {
             || grpc_status.is_some_and(|g| g != 0);
         if let Some(e) = error {
             attrs.push(KeyValue::new("error.type", e));
+            // The reason ferry gave in `x-ferry-error`.
+            attrs.push(KeyValue::new("ferry.error", e));
         } else if failed {
             let t = match grpc_status {
                 Some(g) if g != 0 => GRPC_CODES
@@ -386,7 +415,11 @@ impl ActiveSpan {
             end_time: SystemTime::now(),
             attributes: attrs,
             dropped_attributes_count: 0,
-            events: SpanEvents::default(),
+            events: {
+                let mut e = SpanEvents::default();
+                e.events = r.events;
+                e
+            },
             links: SpanLinks::default(),
             status,
             instrumentation_scope: r.tracer.0.scope.clone(),
@@ -408,6 +441,7 @@ mod tests {
             path: "/",
             grpc: false,
             peer: "10.0.0.1:5555".parse().unwrap(),
+            route: "",
         }
     }
 
