@@ -318,3 +318,93 @@ async fn sighup_reloads_at_once() {
     );
     assert_eq!(web_state(&f).await.1.len(), 2);
 }
+
+/// Series in `/metrics`, each a line that is not a comment.
+fn series(metrics: &str) -> usize {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .count()
+}
+
+/// Endpoints churn (a rollout a minute for a day, at once) under load: with per-endpoint
+/// labels off the number of series does not move; with them on, it follows the endpoints
+/// there are now, not every endpoint there ever was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_endpoint_changes_leave_the_series_bounded() {
+    let mut ups = Vec::new();
+    for _ in 0..40 {
+        ups.push(upstream("u").await);
+    }
+    let all: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let f = Ferry::start(&policy("round-robin", "2s", &all[..3]), &[], &[]);
+    let web = f.addr("web");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        load.push(tokio::spawn(async move {
+            let mut c = Conn::open(web).await.unwrap();
+            // Bounded: at most 20,000 requests a connection, or until told to stop.
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if !matches!(c.get("/").await, Ok((200, _))) {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    c = Conn::open(web).await.unwrap();
+                }
+            }
+        }));
+    }
+    let mut counts = Vec::new();
+    for labels in [false, true] {
+        for i in 0..500usize {
+            // Three endpoints at a time, a different three each change.
+            let eps: Vec<String> = (0..3)
+                .map(|k| format!("\"{}\"", all[(i * 7 + k * 13) % all.len()]))
+                .collect();
+            let body = format!(
+                "metrics-endpoint-labels: {labels}\nservices: {{web: {{endpoints: [{}]}}}}",
+                eps.join(", ")
+            );
+            let (code, r) = f.admin("PUT", "/policy", &body).await;
+            assert_eq!(code, 200, "{r}");
+            if i == 10 || i == 499 {
+                // Let requests reach the new endpoints before counting.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                counts.push((labels, i, series(&f.metrics().await)));
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    eprintln!("series after endpoint changes (labels, change, series): {counts:?}");
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "requests failed");
+    let [
+        (_, _, off_early),
+        (_, _, off_late),
+        (_, _, on_early),
+        (_, _, on_late),
+    ] = counts[..]
+    else {
+        panic!("{counts:?}")
+    };
+    // Labels off: 490 more changes add no series at all.
+    assert_eq!(off_early, off_late, "{counts:?}");
+    // Labels on: one series per current endpoint and status, whatever the history.
+    assert!(on_late <= off_late + 3, "{counts:?}");
+    assert!(on_early <= off_late + 3, "{counts:?}");
+    let m = f.metrics().await;
+    let endpoint_series = m
+        .lines()
+        .filter(|l| l.starts_with("ferry_endpoint_requests_total{"))
+        .count();
+    assert!(
+        (1..=3).contains(&endpoint_series),
+        "{endpoint_series} endpoint series for 3 endpoints:\n{m}"
+    );
+}
