@@ -440,6 +440,20 @@ async fn metrics_count_calls_by_direction_service_route_status_and_classificatio
         up.addr
     );
     assert!(m.contains(&want), "missing {want}\n{m}");
+
+    // Istio's names and labels too, for dashboards made for Istio and Kiali.
+    let (code, _) = f.admin("PUT", "/policy", "metrics-compat: istio").await;
+    assert_eq!(code, 200);
+    c.get("/").await.unwrap();
+    c.get("/status/503").await.unwrap();
+    let m = f.metrics().await;
+    for want in [
+        r#"istio_requests_total{reporter="source",source_workload="unknown",source_workload_namespace="unknown",source_app="unknown",destination_workload="unknown",destination_workload_namespace="unknown",destination_app="unknown",destination_service="web",destination_service_name="web",destination_service_namespace="unknown",request_protocol="http",response_code="200",grpc_response_status="",response_flags="-",connection_security_policy="none"} 1"#,
+        r#"response_code="503",grpc_response_status="",response_flags="-",connection_security_policy="none"} 1"#,
+        r#"istio_request_duration_milliseconds_bucket{le="10.0",reporter="source""#,
+    ] {
+        assert!(m.contains(want), "missing {want}\n{m}");
+    }
 }
 
 /// An idle keep-alive connection is not the slow client header-read-timeout is for:

@@ -349,6 +349,21 @@ fn service_name(pod: &Pod) -> String {
         .unwrap_or_else(|| "ferry".into())
 }
 
+/// The pod's workload as Istio names it: a Deployment's pods are `<name>-<hash>-xxxxx`
+/// (the hash is the `pod-template-hash` label), other controllers' `<name>-xxxxx`.
+fn workload_name(pod: &Pod) -> String {
+    let m = &pod.metadata;
+    let hash = m.labels.as_ref().and_then(|l| l.get("pod-template-hash"));
+    match (&m.generate_name, hash) {
+        (Some(g), Some(h)) => g
+            .strip_suffix(&format!("-{h}-"))
+            .unwrap_or(g.trim_end_matches('-'))
+            .to_string(),
+        (Some(g), None) => g.trim_end_matches('-').to_string(),
+        _ => m.name.clone().unwrap_or_else(|| "unknown".into()),
+    }
+}
+
 fn proxy_container(
     pod: &Pod,
     ann: &PodAnnotations,
@@ -372,6 +387,8 @@ fn proxy_container(
         field_env("FERRY_NODE_NAME", "spec.nodeName"),
         env("FERRY_LOG", &cfg.log_level),
         env("OTEL_SERVICE_NAME", &service_name(pod)),
+        // Istio's workload label, for `metrics-compat: istio`.
+        env("FERRY_WORKLOAD", &workload_name(pod)),
     ];
     if let Some(c) = &cfg.controller {
         envs.push(env("FERRY_CONTROLLER", c));
@@ -556,6 +573,20 @@ pub fn patch(before: &Pod, after: &Pod) -> json_patch::Patch {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_workload_is_named_as_istio_names_it() {
+        let pod = |meta: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": meta, "spec": {"containers": []}})).unwrap()
+        };
+        let deployment = pod(json!({
+            "generateName": "checkout-7d9f8b6c5-",
+            "labels": {"pod-template-hash": "7d9f8b6c5"},
+        }));
+        assert_eq!(workload_name(&deployment), "checkout");
+        assert_eq!(workload_name(&pod(json!({"generateName": "db-"}))), "db");
+        assert_eq!(workload_name(&pod(json!({"name": "solo"}))), "solo");
+    }
 
     /// The patch only adds: the pod's own containers, with fields this crate does not
     /// model, come through untouched behind ferry's.

@@ -191,7 +191,7 @@ pub async fn run(
     if file.listeners.is_empty() {
         anyhow::bail!("the policy has no listeners; add `listeners:` (see docs/policy-file.md)");
     }
-    let metrics = Metrics::default();
+    let metrics = Metrics::new(ferry_proxy::metrics::Workload::from_env());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let tracer =

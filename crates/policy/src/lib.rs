@@ -15,8 +15,8 @@ pub mod settings;
 pub use error::{Errors, FieldError};
 pub use policy::{
     DEFAULT_ADMIN, DEFAULT_DETECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, Endpoints, Listener, ListenerKind, Locality, Policy, Route, RouteMatch,
-    Service, StaticEndpoint,
+    DEFAULT_IDLE_TIMEOUT, Endpoints, Listener, ListenerKind, Locality, MetricsCompat, Policy,
+    Route, RouteMatch, Service, StaticEndpoint,
 };
 pub use settings::{Formats, HashOn, Lb, Overrides, Settings};
 

@@ -35,6 +35,8 @@ pub struct Policy {
     /// Per-endpoint metric series (`ferry_endpoint_requests_total`), off by default:
     /// endpoints come and go with every rollout.
     pub metrics_endpoint_labels: Option<bool>,
+    /// `istio`: also export Istio's standard request metrics.
+    pub metrics_compat: Option<MetricsCompat>,
     pub listeners: Vec<Listener>,
     pub defaults: Overrides,
     pub services: BTreeMap<String, Service>,
@@ -70,6 +72,13 @@ pub struct Service {
     pub addresses: Option<Vec<SocketAddr>>,
     pub overrides: Overrides,
     pub routes: Vec<Route>,
+}
+
+/// Extra metric families for dashboards built for another mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsCompat {
+    None,
+    Istio,
 }
 
 /// Where something runs: the `topology.kubernetes.io/region` and `zone` of its node, or
@@ -219,6 +228,15 @@ impl Policy {
                 "metrics-endpoint-labels" => {
                     p.metrics_endpoint_labels = choice(v, k, ["false", "true"], &mut errs)
                 }
+                "metrics-compat" => {
+                    p.metrics_compat = choice(v, k, ["none", "istio"], &mut errs).map(|istio| {
+                        if istio {
+                            MetricsCompat::Istio
+                        } else {
+                            MetricsCompat::None
+                        }
+                    })
+                }
                 "region" => p.locality.region = locality_name(v, k, &mut errs),
                 "zone" => p.locality.zone = locality_name(v, k, &mut errs),
                 "listeners" => p.listeners = listeners(v, &mut errs),
@@ -235,7 +253,7 @@ impl Policy {
                 other => errs.push(FieldError::new(
                     other,
                     "",
-                    "is not a policy field (allowed: admin, detect-timeout, header-read-timeout, idle-timeout, drain-timeout, forwarded-headers, http-connect, opaque-ports, region, zone, metrics-endpoint-labels, listeners, defaults, services)",
+                    "is not a policy field (allowed: admin, detect-timeout, header-read-timeout, idle-timeout, drain-timeout, forwarded-headers, http-connect, opaque-ports, region, zone, metrics-endpoint-labels, metrics-compat, listeners, defaults, services)",
                 )),
             }
         }
@@ -297,6 +315,7 @@ impl Policy {
                     .or_else(|| self.locality.zone.clone()),
             },
             metrics_endpoint_labels: top.metrics_endpoint_labels.or(self.metrics_endpoint_labels),
+            metrics_compat: top.metrics_compat.or(self.metrics_compat),
             listeners: if top.listeners.is_empty() {
                 self.listeners.clone()
             } else {
@@ -353,6 +372,10 @@ impl Policy {
 
     pub fn http_connect(&self) -> bool {
         self.http_connect.unwrap_or(false)
+    }
+
+    pub fn metrics_istio(&self) -> bool {
+        self.metrics_compat == Some(MetricsCompat::Istio)
     }
 
     pub fn metrics_endpoint_labels(&self) -> bool {
@@ -413,6 +436,13 @@ impl Policy {
         }
         if let Some(e) = self.metrics_endpoint_labels {
             m.insert("metrics-endpoint-labels".into(), json!(e));
+        }
+        if let Some(c) = self.metrics_compat {
+            let word = match c {
+                MetricsCompat::None => "none",
+                MetricsCompat::Istio => "istio",
+            };
+            m.insert("metrics-compat".into(), json!(word));
         }
         if let Some(r) = &self.locality.region {
             m.insert("region".into(), json!(r));

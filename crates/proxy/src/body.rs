@@ -47,7 +47,7 @@ impl CallEnd {
     pub fn finish(self, grpc: Option<u8>, error: Option<&'static str>) {
         let grpc = grpc.or(self.grpc);
         self.metrics
-            .record(self.status, grpc, error.is_some(), self.start.elapsed());
+            .record(self.status, grpc, error, self.start.elapsed());
         self.span.finish(self.status, grpc.map(i32::from), error);
     }
 }

@@ -364,7 +364,7 @@ impl HttpProxy {
         calls.record(
             status,
             grpc.then_some(e.grpc_status()),
-            true,
+            Some(e.reason()),
             start.elapsed(),
         );
         span.finish(

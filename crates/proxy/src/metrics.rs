@@ -33,6 +33,51 @@ pub struct DurationLabels {
     pub classification: &'static str,
 }
 
+/// Istio's standard labels (`metrics-compat: istio`), so Istio and Kiali dashboards work.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IstioLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_app: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_app: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    pub grpc_response_status: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+/// Who this sidecar's pod is, for Istio's labels: from the injector's environment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub app: String,
+}
+
+impl Workload {
+    /// `FERRY_WORKLOAD`, `FERRY_POD_NAMESPACE` and `OTEL_SERVICE_NAME`; `unknown` where unset.
+    pub fn from_env() -> Workload {
+        let var = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| "unknown".into())
+        };
+        Workload {
+            name: var("FERRY_WORKLOAD"),
+            namespace: var("FERRY_POD_NAMESPACE"),
+            app: var("OTEL_SERVICE_NAME"),
+        }
+    }
+}
+
 /// Per-endpoint series, only with `metrics-endpoint-labels: true`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
@@ -77,7 +122,7 @@ pub struct ReasonLabels {
 }
 
 /// Every metric the proxy records, registered once.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Metrics {
     pub requests: Family<CallLabels, Counter>,
     pub duration: Family<DurationLabels, AtomicHistogram>,
@@ -98,6 +143,15 @@ pub struct Metrics {
     pub budget_exhausted: Family<ServiceLabels, Counter>,
     pub ejections: Family<ServiceLabels, Counter>,
     pub discovery_destinations: Gauge,
+    pub istio_requests: Family<IstioLabels, Counter>,
+    pub istio_duration: Family<IstioLabels, AtomicHistogram, fn() -> AtomicHistogram>,
+    pub workload: Arc<Workload>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new(Workload::default())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,7 +159,44 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+/// Istio's `istio_request_duration_milliseconds` buckets.
+const ISTIO_BUCKETS: [f64; 18] = [
+    1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn istio_histogram() -> AtomicHistogram {
+    AtomicHistogram::with_bounds(&ISTIO_BUCKETS, 1000.0)
+}
+
 impl Metrics {
+    pub fn new(workload: Workload) -> Metrics {
+        Metrics {
+            requests: Default::default(),
+            duration: Default::default(),
+            endpoint_requests: Default::default(),
+            errors: Default::default(),
+            connections: Default::default(),
+            policy_reloads: Default::default(),
+            passthrough: Default::default(),
+            locality_requests: Default::default(),
+            locality_share: Default::default(),
+            locality_endpoints: Default::default(),
+            tcp_opened: Default::default(),
+            tcp_closed: Default::default(),
+            tcp_open: Default::default(),
+            tcp_received: Default::default(),
+            tcp_sent: Default::default(),
+            retries: Default::default(),
+            budget_exhausted: Default::default(),
+            ejections: Default::default(),
+            discovery_destinations: Default::default(),
+            istio_requests: Default::default(),
+            istio_duration: Family::new_with_constructor(istio_histogram),
+            workload: Arc::new(workload),
+        }
+    }
+
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "ferry_requests",
@@ -152,6 +243,16 @@ impl Metrics {
             "ferry_locality_share",
             "Share of a service's traffic planned for each locality tier (0 to 1)",
             self.locality_share.clone(),
+        );
+        registry.register(
+            "istio_requests",
+            "Istio's request counter with its standard labels (metrics-compat: istio only)",
+            self.istio_requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Istio's request duration with its standard labels (metrics-compat: istio only)",
+            self.istio_duration.clone(),
         );
         registry.register(
             "ferry_tcp_opened",
@@ -321,10 +422,139 @@ pub struct RouteMetrics {
     grpc: [OnceLock<Counter>; GRPC_CODES.len()],
     success: AtomicHistogram,
     failure: AtomicHistogram,
+    istio: Option<Istio>,
+}
+
+/// Istio's series for one service and direction; made per call outcome, kept per slot.
+struct Istio {
+    base: IstioLabels,
+    requests: Family<IstioLabels, Counter>,
+    duration: Family<IstioLabels, AtomicHistogram, fn() -> AtomicHistogram>,
+    /// HTTP statuses of `COMMON`, then gRPC codes with 200.
+    slots: [OnceLock<(Counter, AtomicHistogram)>; COMMON.len() + GRPC_CODES.len()],
+}
+
+impl Istio {
+    fn new(metrics: &Metrics, direction: &'static str, service: &str) -> Istio {
+        let w = &metrics.workload;
+        let unknown = || "unknown".to_string();
+        // A Kubernetes Service's name is `name.namespace`.
+        let (svc_name, svc_ns) = match service.split_once('.') {
+            Some((n, ns)) if !service.contains(':') => (n.to_string(), ns.to_string()),
+            _ => (service.to_string(), unknown()),
+        };
+        let fqdn = if svc_ns == "unknown" {
+            service.to_string()
+        } else {
+            format!("{svc_name}.{svc_ns}.svc.cluster.local")
+        };
+        let outbound = direction == "outbound";
+        let base = IstioLabels {
+            reporter: if outbound { "source" } else { "destination" },
+            source_workload: if outbound { w.name.clone() } else { unknown() },
+            source_workload_namespace: if outbound {
+                w.namespace.clone()
+            } else {
+                unknown()
+            },
+            source_app: if outbound { w.app.clone() } else { unknown() },
+            destination_workload: if outbound { unknown() } else { w.name.clone() },
+            destination_workload_namespace: if outbound {
+                svc_ns.clone()
+            } else {
+                w.namespace.clone()
+            },
+            destination_app: if outbound { unknown() } else { w.app.clone() },
+            destination_service: if outbound { fqdn } else { unknown() },
+            destination_service_name: if outbound { svc_name } else { unknown() },
+            destination_service_namespace: if outbound {
+                svc_ns
+            } else {
+                w.namespace.clone()
+            },
+            request_protocol: "http",
+            response_code: 0,
+            grpc_response_status: "",
+            response_flags: "-",
+            connection_security_policy: "none",
+        };
+        Istio {
+            base,
+            requests: metrics.istio_requests.clone(),
+            duration: metrics.istio_duration.clone(),
+            slots: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn handles(
+        &self,
+        status: u16,
+        grpc: Option<u8>,
+        flags: &'static str,
+    ) -> (Counter, AtomicHistogram) {
+        let mut l = self.base.clone();
+        l.request_protocol = if grpc.is_some() { "grpc" } else { "http" };
+        l.response_code = status;
+        l.grpc_response_status = grpc
+            .and_then(|g| GRPC_CODES.get(g as usize).copied())
+            .unwrap_or("");
+        l.response_flags = flags;
+        (
+            self.requests.get_or_create(&l).clone(),
+            self.duration.get_or_create(&l).clone(),
+        )
+    }
+
+    fn record(
+        &self,
+        status: u16,
+        grpc: Option<u8>,
+        flags: &'static str,
+        elapsed: std::time::Duration,
+    ) {
+        let slot = match (grpc, flags) {
+            (_, f) if f != "-" => None,
+            (Some(g), _) if status == 200 => self.slots.get(COMMON.len() + g as usize),
+            (Some(_), _) => None,
+            (None, _) => COMMON
+                .iter()
+                .position(|c| *c == status)
+                .map(|i| &self.slots[i]),
+        };
+        let owned;
+        let (c, h) = match slot {
+            Some(s) => s.get_or_init(|| self.handles(status, grpc, flags)),
+            None => {
+                owned = self.handles(status, grpc, flags);
+                &owned
+            }
+        };
+        c.inc();
+        h.observe(elapsed);
+    }
+}
+
+/// Envoy's response flags for the responses ferry makes, as Istio reports them.
+pub fn response_flags(ferry_error: Option<&'static str>) -> &'static str {
+    match ferry_error {
+        None => "-",
+        Some("timeout") => "UT",
+        Some("connect-failed") | Some("connect-timeout") => "UF",
+        Some("no-endpoints") => "UH",
+        Some("upstream-reset") => "UR",
+        Some(_) => "DPE",
+    }
 }
 
 impl RouteMetrics {
-    pub fn new(metrics: &Metrics, direction: &'static str, service: &str, route: &str) -> Self {
+    /// `istio`: also export Istio's series (`metrics-compat: istio`).
+    pub fn new(
+        metrics: &Metrics,
+        direction: &'static str,
+        service: &str,
+        route: &str,
+        istio: bool,
+    ) -> Self {
         let hist = |classification| {
             metrics
                 .duration
@@ -345,6 +575,7 @@ impl RouteMetrics {
             grpc: Default::default(),
             success: hist("success"),
             failure: hist("failure"),
+            istio: istio.then(|| Istio::new(metrics, direction, service)),
         }
     }
 
@@ -353,14 +584,19 @@ impl RouteMetrics {
         &self.route
     }
 
-    /// Records a finished call; `proxy_error` when ferry made or cut the response.
+    /// Records a finished call; `proxy_error` is ferry's reason when it made or cut the
+    /// response.
     pub fn record(
         &self,
         status: u16,
         grpc: Option<u8>,
-        proxy_error: bool,
+        proxy_error: Option<&'static str>,
         elapsed: std::time::Duration,
     ) {
+        if let Some(i) = &self.istio {
+            i.record(status, grpc, response_flags(proxy_error), elapsed);
+        }
+        let proxy_error = proxy_error.is_some();
         let failed = proxy_error || is_failure(status, grpc);
         let slot = match grpc {
             _ if proxy_error => None,
@@ -405,24 +641,44 @@ const BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
-/// A lock-free histogram of seconds with fixed buckets.
-#[derive(Clone, Debug, Default)]
+/// A lock-free histogram with fixed buckets: seconds, or Istio's milliseconds.
+#[derive(Clone, Debug)]
 pub struct AtomicHistogram(Arc<HistogramInner>);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct HistogramInner {
-    /// One more than `BUCKETS`: the last is +Inf.
-    counts: [AtomicU64; BUCKETS.len() + 1],
+    bounds: &'static [f64],
+    /// Units per second: 1 for seconds, 1000 for milliseconds.
+    scale: f64,
+    /// One more than `bounds`: the last is +Inf.
+    counts: Box<[AtomicU64]>,
     sum_micros: AtomicU64,
 }
 
+impl Default for AtomicHistogram {
+    fn default() -> Self {
+        AtomicHistogram::with_bounds(&BUCKETS, 1.0)
+    }
+}
+
 impl AtomicHistogram {
+    fn with_bounds(bounds: &'static [f64], scale: f64) -> Self {
+        AtomicHistogram(Arc::new(HistogramInner {
+            bounds,
+            scale,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }))
+    }
+
     pub fn observe(&self, d: std::time::Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS
+        let v = d.as_secs_f64() * self.0.scale;
+        let i = self
+            .0
+            .bounds
             .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(BUCKETS.len());
+            .position(|b| v <= *b)
+            .unwrap_or(self.0.bounds.len());
         self.0.counts[i].fetch_add(1, Ordering::Relaxed);
         self.0
             .sum_micros
@@ -444,13 +700,13 @@ impl TypedMetric for AtomicHistogram {
 
 impl EncodeMetric for AtomicHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+        let mut buckets = Vec::with_capacity(self.0.counts.len());
         for (i, c) in self.0.counts.iter().enumerate() {
-            let bound = BUCKETS.get(i).copied().unwrap_or(f64::MAX);
+            let bound = self.0.bounds.get(i).copied().unwrap_or(f64::MAX);
             buckets.push((bound, c.load(Ordering::Relaxed)));
         }
         let count = buckets.iter().map(|(_, c)| c).sum();
-        let sum = self.0.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let sum = self.0.sum_micros.load(Ordering::Relaxed) as f64 / 1e6 * self.0.scale;
         encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
@@ -469,11 +725,11 @@ mod tests {
         let m = Metrics::default();
         let mut reg = Registry::default();
         m.register(&mut reg);
-        let r = RouteMetrics::new(&m, "outbound", "web", "/api");
-        r.record(200, None, false, Duration::from_millis(3));
-        r.record(200, None, false, Duration::from_millis(3));
-        r.record(418, None, false, Duration::from_millis(3));
-        r.record(200, Some(5), false, Duration::from_secs(60));
+        let r = RouteMetrics::new(&m, "outbound", "web", "/api", false);
+        r.record(200, None, None, Duration::from_millis(3));
+        r.record(200, None, None, Duration::from_millis(3));
+        r.record(418, None, None, Duration::from_millis(3));
+        r.record(200, Some(5), None, Duration::from_secs(60));
         let sc = StatusCounters::new(&m.endpoint_requests, "web".into(), "127.0.0.1:1".into());
         sc.inc(200);
         let mut text = String::new();

@@ -103,6 +103,8 @@ pub struct ServiceRt {
     calls: Box<[[OnceLock<Arc<RouteMetrics>>; 2]]>,
     /// Per-endpoint series (`metrics-endpoint-labels`).
     endpoint_labels: bool,
+    /// Istio's series too (`metrics-compat: istio`).
+    istio: bool,
     pub retry_budget: Arc<RetryBudget>,
     /// Send HTTP/1 requests upstream as HTTP/2 (the upstream declared h2c).
     pub h2: bool,
@@ -133,7 +135,9 @@ impl ServiceRt {
                 i => route_label(&self.routes[i - 1].0),
             };
             let direction = if inbound { "inbound" } else { "outbound" };
-            Arc::new(RouteMetrics::new(metrics, direction, &self.name, &name))
+            Arc::new(RouteMetrics::new(
+                metrics, direction, &self.name, &name, self.istio,
+            ))
         })
     }
 
@@ -255,6 +259,7 @@ impl Runtime {
                 Arc::new(ServiceRt {
                     calls: call_slots(0),
                     endpoint_labels: false,
+                    istio: self.policy.metrics_istio(),
                     endpoints: ArcSwap::from_pointee(EndpointSet::new(
                         eps,
                         self.defaults.lb,
@@ -551,6 +556,7 @@ impl Shared {
                 .unwrap_or_else(|| Arc::new(RetryBudget::new())),
             calls: call_slots(routes.len()),
             endpoint_labels,
+            istio: rt.policy.metrics_istio(),
             name: r.name.clone(),
             version: rt.version,
             endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb, &plan, &locality)),
@@ -655,6 +661,7 @@ fn compile(
             retry_budget,
             calls: call_slots(routes.len()),
             endpoint_labels,
+            istio: policy.metrics_istio(),
             name: name_arc,
             version,
             endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb, &plan, &locality)),
