@@ -247,3 +247,34 @@ async fn a_grpc_status_in_trailers_counts_as_a_failure_in_both_directions() {
         assert!(seen, "{direction}: missing {want:?}\n{}", f.metrics().await);
     }
 }
+
+/// A dead endpoint fails no gRPC call: a connect that fails read nothing of the call,
+/// so the call goes, body and all, to the live endpoint.
+#[tokio::test]
+async fn a_dead_endpoint_fails_no_grpc_call() {
+    let live = grpc_upstream("g-live").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let f = Ferry::start(&policy(&[dead, live], ""), &[], &[]);
+    let mut c = client(f.addr("grpc")).await;
+    for i in 0..20 {
+        let r = c
+            .say(req(&format!("m{i}")))
+            .await
+            .unwrap_or_else(|s| panic!("call {i} failed: {s:?}"))
+            .into_inner();
+        assert_eq!(
+            (r.message, r.server),
+            (format!("m{i}"), "g-live".to_string())
+        );
+    }
+    // A client stream too: its messages reach the live endpoint whole.
+    let n = c
+        .collect(futures::stream::iter((0..5).map(|i| req(&format!("c{i}")))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(n.message.contains("c4"), "{n:?}");
+}

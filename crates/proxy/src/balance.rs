@@ -50,6 +50,10 @@ pub struct Endpoint {
     /// Until when balancers pass this endpoint over, in `now_ns()` time.
     ejected_until: AtomicU64,
     probing: AtomicBool,
+    /// Whether a response has been timed (see [`Endpoint::observe`]), and whether a
+    /// sample has been kept.
+    observed: AtomicBool,
+    answered: AtomicBool,
     /// Per-endpoint status counters, with `metrics-endpoint-labels: true` only.
     pub statuses: Option<StatusCounters>,
     /// The service's ejection counter.
@@ -85,6 +89,8 @@ impl Endpoint {
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            observed: AtomicBool::new(false),
+            answered: AtomicBool::new(false),
             statuses,
             ejections: Counter::default(),
         }
@@ -150,13 +156,16 @@ impl Endpoint {
                 let up = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
                     .await
                     .is_ok_and(|r| r.is_ok());
+                let Some(e) = weak.upgrade() else { break };
                 if up {
-                    if let Some(e) = weak.upgrade() {
-                        tracing::info!(endpoint = %addr, "endpoint accepts connections again");
-                        e.connected();
-                    }
+                    tracing::info!(endpoint = %addr, "endpoint accepts connections again");
+                    e.connected();
                     break;
                 }
+                // Still down: stay ejected until a probe gets through, rather than let
+                // the backoff lapse and send a real call to find out.
+                let until = now_ns() + 2 * PROBE_EVERY.as_nanos() as u64;
+                e.ejected_until.fetch_max(until, Ordering::Relaxed);
             }
             if let Some(e) = weak.upgrade() {
                 e.probing.store(false, Ordering::Relaxed);
@@ -187,8 +196,14 @@ impl Endpoint {
     }
 
     /// Records one response latency: a slower sample replaces the estimate at once,
-    /// a faster one moves it by an exponentially weighted average.
+    /// a faster one moves it by an exponentially weighted average. The first sample is
+    /// left out: it usually paid for the connection's setup, which would make a new
+    /// endpoint look slow for as long as the estimate takes to decay.
     pub fn observe(&self, rtt: Duration) {
+        if !self.observed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        self.answered.store(true, Ordering::Relaxed);
         let now = now_ns();
         let sample = rtt.as_nanos() as f64;
         let current = self.decayed(now);
@@ -202,6 +217,11 @@ impl Endpoint {
         // Racing writers may lose a sample; the estimate stays sound.
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
         self.stamp_ns.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether a latency sample has been kept (the second response on).
+    pub fn has_answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
     }
 
     /// Expected wait for a new request: latency times the requests ahead of it.
@@ -399,13 +419,13 @@ impl EndpointSet {
                     .iter()
                     .filter(|e| !e.is_ejected())
                     .collect();
-                let cost_ms = if healthy.is_empty() {
-                    0.0
-                } else {
-                    healthy.iter().map(|e| e.ewma_cost(now)).sum::<f64>()
-                        / healthy.len() as f64
-                        / 1e6
-                };
+                // What the balancer would pick in this tier: its cheapest endpoint that
+                // has answered. A tier is overloaded only when even that one is slow.
+                let cost_ms = healthy
+                    .iter()
+                    .filter(|e| e.has_answered())
+                    .map(|e| e.ewma_cost(now) / 1e6)
+                    .min_by(f64::total_cmp);
                 TierStats {
                     healthy: healthy.len(),
                     total: t.pool.endpoints.len(),
@@ -756,8 +776,11 @@ mod tests {
     #[test]
     fn p2c_ewma_avoids_a_slow_endpoint() {
         let eps = endpoints(2);
-        eps[0].observe(Duration::from_millis(200));
-        eps[1].observe(Duration::from_micros(500));
+        // The first response of each is left out (it paid for the connection).
+        for _ in 0..2 {
+            eps[0].observe(Duration::from_millis(200));
+            eps[1].observe(Duration::from_micros(500));
+        }
         let set = flat(eps, Lb::P2cEwma);
         for _ in 0..50 {
             assert_eq!(set.pick(None, None).unwrap().addr.port(), 9001);

@@ -59,6 +59,74 @@ pub fn grpc_status(h: &HeaderMap) -> Option<u8> {
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What the upstream clients send: the client's body as it came, a body kept for a
+/// retry, or nothing (a bodiless request rebuilt for a retry).
+pub enum ReqBody {
+    Direct(Incoming),
+    /// Taken out of `slot` at the first poll. A connect that fails never polls the body,
+    /// so after one the body is still in `slot`, whole, for the next attempt.
+    Kept {
+        slot: std::sync::Arc<std::sync::Mutex<Option<Incoming>>>,
+        body: Option<Incoming>,
+    },
+    Empty,
+}
+
+impl ReqBody {
+    pub fn kept(slot: std::sync::Arc<std::sync::Mutex<Option<Incoming>>>) -> ReqBody {
+        ReqBody::Kept { slot, body: None }
+    }
+
+    /// Whether a kept body was never read: an attempt that failed to connect.
+    pub fn unread(slot: &std::sync::Mutex<Option<Incoming>>) -> bool {
+        slot.lock().expect("body slot poisoned").is_some()
+    }
+
+    fn peek<T>(&self, f: impl Fn(&Incoming) -> T, none: T) -> T {
+        match self {
+            ReqBody::Direct(b) | ReqBody::Kept { body: Some(b), .. } => f(b),
+            ReqBody::Kept { slot, body: None } => slot
+                .lock()
+                .expect("body slot poisoned")
+                .as_ref()
+                .map_or(none, f),
+            ReqBody::Empty => none,
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Direct(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Kept { slot, body } => {
+                if body.is_none() {
+                    *body = slot.lock().expect("body slot poisoned").take();
+                }
+                match body {
+                    Some(b) => Pin::new(b).poll_frame(cx),
+                    None => Poll::Ready(None),
+                }
+            }
+            ReqBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.peek(|b| b.is_end_stream(), true)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.peek(|b| b.size_hint(), SizeHint::with_exact(0))
+    }
+}
+
 pub struct ProxyBody(Kind);
 
 enum Kind {

@@ -14,12 +14,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
 use ferry_policy::HashOn;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
-use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -30,8 +28,7 @@ use crate::metrics::RouteMetrics;
 use crate::state::{ServiceRt, Shared};
 use ferry_telemetry::{ActiveSpan, Call, Kind};
 
-/// What the upstream clients send: the client's body, or nothing on a retry.
-pub type ReqBody = Either<Incoming, Empty<Bytes>>;
+pub use crate::body::ReqBody;
 
 /// Where a connection's requests go.
 #[derive(Clone, Copy, Debug)]
@@ -232,13 +229,14 @@ impl HttpProxy {
         if svc.h2 && client_upgrade.is_none() && req.version() != Version::HTTP_2 {
             *req.version_mut() = Version::HTTP_2;
         }
-        // Retrying needs the request again; only a bodiless one can be rebuilt. A failed
-        // connect sent nothing, so it is retried on another endpoint even with `retries:
-        // 0` (as Istio does), when there is another: a dead pod or zone fails no call.
-        // That costs a header-map copy per bodiless request to a balanced service.
+        // A failed connect sent nothing, so it is retried on another endpoint even with
+        // `retries: 0` (as Istio does), when there is another: a dead pod or zone fails
+        // no call, gRPC and POST included, since the body is kept unread for the next
+        // attempt. That costs a header-map copy (and, with a body, a small allocation)
+        // per request to a balanced service.
         let max_retries = settings.retries.max(CONNECT_RETRIES);
         let can_retry = settings.retries > 0 || set_len > 1;
-        let retry_parts = (can_retry && http_body::Body::is_end_stream(req.body())).then(|| {
+        let retry_parts = can_retry.then(|| {
             (
                 req.method().clone(),
                 req.headers().clone(),
@@ -246,15 +244,28 @@ impl HttpProxy {
                 pq,
             )
         });
+        let (head, body) = req.into_parts();
+        let mut kept = None;
+        let body = if can_retry && !http_body::Body::is_end_stream(&body) {
+            let slot = Arc::new(std::sync::Mutex::new(Some(body)));
+            kept = Some(slot.clone());
+            ReqBody::kept(slot)
+        } else {
+            ReqBody::Direct(body)
+        };
+        let req = Request::from_parts(head, body);
 
         if retry_parts.is_some() {
             svc.retry_budget.deposit();
         }
         let mut ep = ep;
         let mut attempt = 0;
-        let mut req = Some(req.map(ReqBody::Left));
+        let mut req = Some(req);
         loop {
             let r = req.take().expect("a request per attempt");
+            // Each attempt is timed on its own: the endpoint that answers is not charged
+            // for the time an earlier one took to fail.
+            let attempt_start = Instant::now();
             span.set_endpoint(ep.addr);
             let in_flight = ep.start();
             let h2 = r.version() == Version::HTTP_2;
@@ -272,8 +283,7 @@ impl HttpProxy {
             };
             match res {
                 Ok(mut resp) => {
-                    let elapsed = start.elapsed();
-                    ep.observe(elapsed);
+                    ep.observe(attempt_start.elapsed());
                     ep.connected();
                     let status = resp.status().as_u16();
                     if let Some(s) = &ep.statuses {
@@ -311,14 +321,17 @@ impl HttpProxy {
                     drop(in_flight);
                     if e == ProxyError::ConnectTimeout || e == ProxyError::Timeout {
                         // A timed-out endpoint is slow as far as the balancer can tell.
-                        ep.observe(start.elapsed());
+                        ep.observe(attempt_start.elapsed());
                     }
                     let retryable =
                         matches!(e, ProxyError::ConnectFailed | ProxyError::ConnectTimeout);
                     if retryable {
                         ep.connect_failed();
                     }
-                    let wanted = retryable && attempt < max_retries && retry_parts.is_some();
+                    // A body already read (even partly) cannot be sent again.
+                    let body_whole = kept.as_deref().is_none_or(ReqBody::unread);
+                    let wanted =
+                        retryable && attempt < max_retries && retry_parts.is_some() && body_whole;
                     let may_retry = wanted && svc.retry_budget.withdraw();
                     if wanted && !may_retry {
                         self.shared.metrics.budget_exhausted(&svc.name);
@@ -338,7 +351,11 @@ impl HttpProxy {
                     self.shared.metrics.retry(&svc.name, e.reason());
                     span.retry(attempt, ep.addr, e.reason());
                     tracing::debug!(service = %svc.name, from = %ep.addr, to = %next.addr, attempt, "retrying");
-                    let mut r = Request::new(ReqBody::Right(Empty::new()));
+                    let body = match &kept {
+                        Some(slot) => ReqBody::kept(slot.clone()),
+                        None => ReqBody::Empty,
+                    };
+                    let mut r = Request::new(body);
                     *r.method_mut() = method.clone();
                     *r.headers_mut() = headers.clone();
                     *r.version_mut() = *version;

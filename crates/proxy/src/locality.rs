@@ -166,18 +166,23 @@ const OVERPROVISION: f64 = 1.4;
 /// from moving traffic across zones.
 const OVERLOAD_FACTOR: f64 = 2.0;
 const OVERLOAD_MARGIN_MS: f64 = 10.0;
+/// Against a tier with no latency known yet, the near tier is overloaded above this.
+const OVERLOAD_UNKNOWN_MS: f64 = 100.0;
 /// Spill moves by a tenth of the traffic per recomputation (every 100 ms), so a
 /// shift takes about a second and a blip moves little.
 const SPILL_STEP: u32 = 100;
-const SPILL_MAX: u32 = 1000;
+/// A tenth of the traffic stays on an overloaded tier, so its latency keeps being
+/// measured and traffic comes back as soon as it recovers.
+const SPILL_MAX: u32 = 900;
 
 /// What a tier looks like at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct TierStats {
     pub healthy: usize,
     pub total: usize,
-    /// Mean latency estimate of its healthy endpoints, in ms, weighted by in-flight.
-    pub cost_ms: f64,
+    /// The latency estimate (× requests in flight) of its cheapest healthy endpoint
+    /// that has answered, in ms; `None` when none has.
+    pub cost_ms: Option<f64>,
 }
 
 /// Shares of traffic per tier (summing to 1), by the overprovisioning rule, before any
@@ -219,8 +224,9 @@ pub struct LocalityState {
     pub service: Arc<str>,
     /// Share of the primary tier's traffic sent on to the next, in thousandths.
     spill: AtomicU32,
-    /// Bits of the tiers getting traffic, and bit 8 for spill; `u32::MAX` before the
-    /// first computation.
+    /// Where traffic went at the last computation: the primary tier's index in bits
+    /// 0-7, bit 8 set while spilling, bits 16.. the tiers getting traffic; `u32::MAX`
+    /// before the first.
     placed: AtomicU32,
     metrics: Metrics,
 }
@@ -284,46 +290,53 @@ impl LocalityState {
     pub fn place(&self, tiers: &[Tier], stats: &[TierStats], caller: &Place) -> (Vec<f64>, String) {
         let mut share = shares(stats);
         let primary = share.iter().position(|s| *s > 0.0).unwrap_or(0);
+        let before = self.placed.load(Ordering::Relaxed);
+        if before != u32::MAX && before & 0xff != primary as u32 {
+            // Spill belongs to the tier that was primary; a failover starts afresh.
+            self.spill.store(0, Ordering::Relaxed);
+        }
         let next = (primary + 1..stats.len()).find(|&i| stats[i].healthy > 0);
-        let mut spilled = false;
         let mut reason = String::new();
-        let spill = match next {
-            Some(q) if share[primary] >= 1.0 && stats[primary].healthy > 0 => {
-                let (p_ms, q_ms) = (stats[primary].cost_ms, stats[q].cost_ms);
-                let overloaded = p_ms > OVERLOAD_FACTOR * q_ms + OVERLOAD_MARGIN_MS;
-                let cur = self.spill.load(Ordering::Relaxed);
-                let new = if overloaded {
-                    (cur + SPILL_STEP).min(SPILL_MAX)
-                } else {
-                    cur.saturating_sub(SPILL_STEP)
-                };
-                self.spill.store(new, Ordering::Relaxed);
-                if new > 0 {
-                    let f = new as f64 / 1000.0;
-                    share[primary] -= f;
-                    share[q] += f;
-                    spilled = true;
-                    reason = format!(
-                        "{} {} (latency estimate {p_ms:.1} ms vs {q_ms:.1} ms in {}); {:.0}% to {}",
-                        tiers[primary].describe(caller),
-                        if overloaded {
-                            "overloaded"
-                        } else {
-                            "recovering"
-                        },
-                        tiers[q].describe(caller),
-                        f * 100.0,
-                        tiers[q].describe(caller),
-                    );
-                }
-                new
+        let mut spill = 0;
+        if let Some(q) = next
+            && share[primary] >= 1.0
+            && stats[primary].healthy > 0
+        {
+            let p_ms = stats[primary].cost_ms.unwrap_or(0.0);
+            let q_ms = stats[q].cost_ms;
+            let overloaded = match q_ms {
+                Some(q_ms) => p_ms > OVERLOAD_FACTOR * q_ms + OVERLOAD_MARGIN_MS,
+                None => p_ms > OVERLOAD_UNKNOWN_MS,
+            };
+            let cur = self.spill.load(Ordering::Relaxed);
+            spill = if overloaded {
+                (cur + SPILL_STEP).min(SPILL_MAX)
+            } else {
+                cur.saturating_sub(SPILL_STEP)
+            };
+            self.spill.store(spill, Ordering::Relaxed);
+            if spill > 0 {
+                let f = spill as f64 / 1000.0;
+                share[primary] -= f;
+                share[q] += f;
+                let q_text = q_ms.map_or("unknown".to_string(), |q| format!("{q:.1} ms"));
+                reason = format!(
+                    "{} {} (latency estimate {p_ms:.1} ms vs {q_text} in {}); {:.0}% to {}",
+                    tiers[primary].describe(caller),
+                    if overloaded {
+                        "overloaded"
+                    } else {
+                        "recovering"
+                    },
+                    tiers[q].describe(caller),
+                    f * 100.0,
+                    tiers[q].describe(caller),
+                );
             }
-            _ => {
-                self.spill.store(0, Ordering::Relaxed);
-                0
-            }
-        };
-        if !spilled {
+        } else {
+            self.spill.store(0, Ordering::Relaxed);
+        }
+        if spill == 0 {
             let s = &stats[primary];
             reason = format!(
                 "{}: {} of {} endpoints healthy",
@@ -352,23 +365,26 @@ impl LocalityState {
                 reason = format!("{reason}; {}", elsewhere.join(", "));
             }
         }
-        let mut bits = share
+        let receiving = share
             .iter()
             .enumerate()
             .filter(|(_, s)| **s > 0.0)
             .fold(0u32, |b, (i, _)| b | 1 << i);
-        if spill > 0 {
-            bits |= 1 << 8;
-        }
-        let before = self.placed.swap(bits, Ordering::Relaxed);
-        if before != bits {
-            let home = bits == 1;
+        let now = primary as u32 | u32::from(spill > 0) << 8 | receiving << 16;
+        if before != now {
+            self.placed.store(now, Ordering::Relaxed);
             let service = &*self.service;
-            if home && before != u32::MAX {
+            let home = primary == 0 && receiving == 1;
+            let (was_primary, was_spilling) = (before & 0xff, before & 1 << 8 != 0);
+            let first = before == u32::MAX;
+            if home && !first {
                 tracing::info!(service, "locality return: {reason}");
-            } else if !home && spill > 0 && before & (1 << 8) == 0 {
+            } else if primary as u32 != was_primary && !home {
+                tracing::info!(service, "locality failover: {reason}");
+            } else if spill > 0 && (first || !was_spilling) {
                 tracing::info!(service, "locality spill: {reason}");
-            } else if !home && spill == 0 {
+            } else if !home && spill == 0 && (first || before >> 16 != receiving) {
+                // Part of the traffic moved for health (a tier lost some endpoints).
                 tracing::info!(service, "locality failover: {reason}");
             }
         }
@@ -392,7 +408,7 @@ mod tests {
         TierStats {
             healthy,
             total,
-            cost_ms: 1.0,
+            cost_ms: Some(1.0),
         }
     }
 
@@ -497,7 +513,7 @@ mod tests {
             TierStats {
                 healthy: 2,
                 total: 2,
-                cost_ms: 200.0,
+                cost_ms: Some(200.0),
             },
             stats(2, 2),
         ];
@@ -508,10 +524,33 @@ mod tests {
             assert!(why.contains("overloaded"), "{why}");
             last = s[1];
         }
+        // Never more than nine tenths: the slow tier stays measured.
+        for _ in 0..20 {
+            state.place(&tiers, &slow, &caller);
+        }
+        let (s, _) = state.place(&tiers, &slow, &caller);
+        assert!((s[0] - 0.1).abs() < 1e-9, "{s:?}");
         let fine = [stats(2, 2), stats(2, 2)];
-        for _ in 0..5 {
+        for _ in 0..9 {
             state.place(&tiers, &fine, &caller);
         }
         assert_eq!(state.place(&tiers, &fine, &caller).0, [1.0, 0.0]);
+        // Against a tier never measured, only a clearly slow one spills.
+        let unknown = |ms| {
+            [
+                TierStats {
+                    healthy: 2,
+                    total: 2,
+                    cost_ms: Some(ms),
+                },
+                TierStats {
+                    healthy: 2,
+                    total: 2,
+                    cost_ms: None,
+                },
+            ]
+        };
+        assert_eq!(state.place(&tiers, &unknown(40.0), &caller).0, [1.0, 0.0]);
+        assert!(state.place(&tiers, &unknown(200.0), &caller).0[1] > 0.0);
     }
 }
