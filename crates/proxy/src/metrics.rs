@@ -3,6 +3,7 @@
 //! Handles are resolved when a service or endpoint is built, never per request, and
 //! the latency histogram is a set of atomics: recording takes no lock.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -146,6 +147,50 @@ pub struct Metrics {
     pub istio_requests: Family<IstioLabels, Counter>,
     pub istio_duration: Family<IstioLabels, AtomicHistogram, fn() -> AtomicHistogram>,
     pub workload: Arc<Workload>,
+    /// Per service: how many live [`ServiceSeries`] guards it has, and the request
+    /// series made for it, so a service that is gone takes them along.
+    by_service: Arc<std::sync::Mutex<HashMap<String, (usize, HashSet<Series>)>>>,
+}
+
+/// Held by each compiled version of a service; when the last one of a name is dropped
+/// (no policy names it, no connection uses it), its request series are removed, so
+/// series do not pile up with every destination ever called.
+pub struct ServiceSeries {
+    metrics: Metrics,
+    service: String,
+}
+
+impl Drop for ServiceSeries {
+    fn drop(&mut self) {
+        let gone = {
+            let mut m = self.metrics.by_service.lock().expect("series map poisoned");
+            match m.get_mut(&self.service) {
+                Some((n, _)) if *n > 1 => {
+                    *n -= 1;
+                    None
+                }
+                _ => m.remove(&self.service).map(|(_, s)| s),
+            }
+        };
+        for series in gone.into_iter().flatten() {
+            match series {
+                Series::Call(l) => self.metrics.requests.remove(&l),
+                Series::Duration(l) => self.metrics.duration.remove(&l),
+                Series::Istio(l) => {
+                    self.metrics.istio_requests.remove(&l);
+                    self.metrics.istio_duration.remove(&l)
+                }
+            };
+        }
+    }
+}
+
+/// One series of a per-service family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+enum Series {
+    Call(CallLabels),
+    Duration(DurationLabels),
+    Istio(IstioLabels),
 }
 
 impl Default for Metrics {
@@ -194,6 +239,23 @@ impl Metrics {
             istio_requests: Default::default(),
             istio_duration: Family::new_with_constructor(istio_histogram),
             workload: Arc::new(workload),
+            by_service: Default::default(),
+        }
+    }
+
+    /// Notes a series of `service`'s, made on a slow path (once per series).
+    fn track(&self, service: &str, series: Series) {
+        let mut m = self.by_service.lock().expect("series map poisoned");
+        m.entry(service.to_string()).or_default().1.insert(series);
+    }
+
+    /// A guard that keeps `service`'s request series while it lives.
+    pub fn service_series(&self, service: &str) -> ServiceSeries {
+        let mut m = self.by_service.lock().expect("series map poisoned");
+        m.entry(service.to_string()).or_default().0 += 1;
+        ServiceSeries {
+            metrics: self.clone(),
+            service: service.to_string(),
         }
     }
 
@@ -413,7 +475,7 @@ pub fn is_failure(status: u16, grpc: Option<u8>) -> bool {
 /// The metric handles of one service, route and direction, resolved once; recording a
 /// call with a common status is a few atomic adds and no allocation.
 pub struct RouteMetrics {
-    family: Family<CallLabels, Counter>,
+    metrics: Metrics,
     direction: &'static str,
     service: String,
     route: String,
@@ -428,8 +490,8 @@ pub struct RouteMetrics {
 /// Istio's series for one service and direction; made per call outcome, kept per slot.
 struct Istio {
     base: IstioLabels,
-    requests: Family<IstioLabels, Counter>,
-    duration: Family<IstioLabels, AtomicHistogram, fn() -> AtomicHistogram>,
+    service: String,
+    metrics: Metrics,
     /// HTTP statuses of `COMMON`, then gRPC codes with 200.
     slots: [OnceLock<(Counter, AtomicHistogram)>; COMMON.len() + GRPC_CODES.len()],
 }
@@ -480,8 +542,8 @@ impl Istio {
         };
         Istio {
             base,
-            requests: metrics.istio_requests.clone(),
-            duration: metrics.istio_duration.clone(),
+            service: service.to_string(),
+            metrics: metrics.clone(),
             slots: std::array::from_fn(|_| OnceLock::new()),
         }
     }
@@ -499,10 +561,12 @@ impl Istio {
             .and_then(|g| GRPC_CODES.get(g as usize).copied())
             .unwrap_or("");
         l.response_flags = flags;
-        (
-            self.requests.get_or_create(&l).clone(),
-            self.duration.get_or_create(&l).clone(),
-        )
+        let handles = (
+            self.metrics.istio_requests.get_or_create(&l).clone(),
+            self.metrics.istio_duration.get_or_create(&l).clone(),
+        );
+        self.metrics.track(&self.service, Series::Istio(l));
+        handles
     }
 
     fn record(
@@ -556,18 +620,18 @@ impl RouteMetrics {
         istio: bool,
     ) -> Self {
         let hist = |classification| {
-            metrics
-                .duration
-                .get_or_create(&DurationLabels {
-                    direction,
-                    service: service.to_string(),
-                    route: route.to_string(),
-                    classification,
-                })
-                .clone()
+            let l = DurationLabels {
+                direction,
+                service: service.to_string(),
+                route: route.to_string(),
+                classification,
+            };
+            let h = metrics.duration.get_or_create(&l).clone();
+            metrics.track(service, Series::Duration(l));
+            h
         };
         RouteMetrics {
-            family: metrics.requests.clone(),
+            metrics: metrics.clone(),
             direction,
             service: service.to_string(),
             route: route.to_string(),
@@ -620,18 +684,19 @@ impl RouteMetrics {
 
     fn create(&self, status_code: u16, grpc: Option<u8>, failed: bool) -> Counter {
         let failed = failed || is_failure(status_code, grpc);
-        self.family
-            .get_or_create(&CallLabels {
-                direction: self.direction,
-                service: self.service.clone(),
-                route: self.route.clone(),
-                status_code,
-                grpc_status: grpc
-                    .and_then(|g| GRPC_CODES.get(g as usize).copied())
-                    .unwrap_or(if grpc.is_some() { "unknown" } else { "" }),
-                classification: if failed { "failure" } else { "success" },
-            })
-            .clone()
+        let l = CallLabels {
+            direction: self.direction,
+            service: self.service.clone(),
+            route: self.route.clone(),
+            status_code,
+            grpc_status: grpc
+                .and_then(|g| GRPC_CODES.get(g as usize).copied())
+                .unwrap_or(if grpc.is_some() { "unknown" } else { "" }),
+            classification: if failed { "failure" } else { "success" },
+        };
+        let c = self.metrics.requests.get_or_create(&l).clone();
+        self.metrics.track(&self.service, Series::Call(l));
+        c
     }
 }
 
@@ -744,6 +809,20 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want}\n{text}");
         }
+        // A service that is gone takes its request series with it (here: no guard).
+        drop(m.service_series("web"));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(
+            !text.contains(r#"ferry_requests_total{direction="outbound",service="web""#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(
+                r#"ferry_request_duration_seconds_count{direction="outbound",service="web""#
+            ),
+            "{text}"
+        );
         // An endpoint that is gone takes its series with it.
         drop(sc);
         let mut text = String::new();

@@ -19,7 +19,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::balance::{Endpoint, EndpointSet};
 use crate::discovery::{Addr, Discover, DstWatch, Resolved};
 use crate::locality::{LocalityState, Place, Plan};
-use crate::metrics::{Metrics, RouteMetrics, ServiceLabels, StatusCounters};
+use crate::metrics::{Metrics, RouteMetrics, ServiceLabels, ServiceSeries, StatusCounters};
 
 /// How long an idle pooled connection is kept. Below the 10 s header-read timeout that
 /// peers (ferry included) use to close idle keep-alive connections, so a pooled
@@ -105,6 +105,8 @@ pub struct ServiceRt {
     endpoint_labels: bool,
     /// Istio's series too (`metrics-compat: istio`).
     istio: bool,
+    /// Keeps the service's request series while any version of it lives.
+    _series: ServiceSeries,
     pub retry_budget: Arc<RetryBudget>,
     /// Send HTTP/1 requests upstream as HTTP/2 (the upstream declared h2c).
     pub h2: bool,
@@ -260,6 +262,7 @@ impl Runtime {
                     calls: call_slots(0),
                     endpoint_labels: false,
                     istio: self.policy.metrics_istio(),
+                    _series: metrics.service_series(&name),
                     endpoints: ArcSwap::from_pointee(EndpointSet::new(
                         eps,
                         self.defaults.lb,
@@ -557,6 +560,7 @@ impl Shared {
             calls: call_slots(routes.len()),
             endpoint_labels,
             istio: rt.policy.metrics_istio(),
+            _series: self.metrics.service_series(&r.name),
             name: r.name.clone(),
             version: rt.version,
             endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb, &plan, &locality)),
@@ -662,6 +666,7 @@ fn compile(
             calls: call_slots(routes.len()),
             endpoint_labels,
             istio: policy.metrics_istio(),
+            _series: metrics.service_series(name),
             name: name_arc,
             version,
             endpoints: ArcSwap::from_pointee(EndpointSet::new(eps, settings.lb, &plan, &locality)),
