@@ -149,8 +149,11 @@ pub struct Metrics {
     pub workload: Arc<Workload>,
     /// Per service: how many live [`ServiceSeries`] guards it has, and the request
     /// series made for it, so a service that is gone takes them along.
-    by_service: Arc<std::sync::Mutex<HashMap<String, (usize, HashSet<Series>)>>>,
+    by_service: Arc<std::sync::Mutex<HashMap<String, Tracked>>>,
 }
+
+/// Live guards of a service, and its series.
+type Tracked = (usize, HashSet<Series>);
 
 /// Held by each compiled version of a service; when the last one of a name is dropped
 /// (no policy names it, no connection uses it), its request series are removed, so
