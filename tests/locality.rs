@@ -12,7 +12,6 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -207,45 +206,11 @@ fn policy(bs: &[Backend], service_extra: &str) -> String {
 /// Like `Ferry::start`, but ferry logs at INFO to `ferry.log` in its directory, so the
 /// test can read its `locality ...` lines.
 fn start_ferry(policy: &str) -> Ferry {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
-    let log_path = dir.path().join("ferry.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .arg("proxy")
-        .arg("--config")
-        .arg(dir.path().join("policy.yaml"))
-        .env("FERRY_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .expect("ferry starts");
-    let out = child.stdout.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
-    let mut addrs = HashMap::new();
-    let mut ready = false;
-    for line in lines.by_ref() {
-        let Ok(line) = line else { break };
-        if let Some(rest) = line.strip_prefix("ferry: listening ") {
-            let (name, addr) = rest.split_once(' ').unwrap();
-            addrs.insert(name.to_string(), addr.parse().unwrap());
-        }
-        if line == "ferry: ready" {
-            ready = true;
-            break;
-        }
-    }
-    assert!(
-        ready,
-        "ferry exited before it was ready:\n{}\npolicy:\n{policy}",
-        std::fs::read_to_string(&log_path).unwrap_or_default()
-    );
-    std::thread::spawn(move || for _ in lines {});
-    Ferry { child, addrs, dir }
+    Ferry::start_logged(policy)
 }
 
 fn log(f: &Ferry) -> String {
-    std::fs::read_to_string(f.path("ferry.log")).unwrap_or_default()
+    f.log()
 }
 
 /// ferry's log lines containing `what` and naming service echo.

@@ -79,8 +79,34 @@ impl Ferry {
         Self::run(dir, bin, &args, prefix)
     }
 
+    /// Like [`Ferry::start`], with ferry's INFO log in `ferry.log` of its directory
+    /// (read it with [`Ferry::log`]) rather than on the test's stderr.
+    pub fn start_logged(policy: &str) -> Ferry {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
+        let config = dir.path().join("policy.yaml").display().to_string();
+        let log = std::fs::File::create(dir.path().join("ferry.log")).unwrap();
+        let bin = env!("CARGO_BIN_EXE_ferry");
+        Self::spawn(dir, bin, &["proxy", "--config", &config], &[], Some(log))
+    }
+
+    /// What ferry logged, when started with [`Ferry::start_logged`].
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("ferry.log")).unwrap_or_default()
+    }
+
     /// Runs `prefix.. bin args..` and waits for `ferry: ready`.
     pub fn run(dir: tempfile::TempDir, bin: &str, args: &[&str], prefix: &[&str]) -> Ferry {
+        Self::spawn(dir, bin, args, prefix, None)
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        bin: &str,
+        args: &[&str],
+        prefix: &[&str],
+        log: Option<std::fs::File>,
+    ) -> Ferry {
         let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
         argv.push(bin.to_string());
         argv.extend(args.iter().map(|s| s.to_string()));
@@ -90,14 +116,16 @@ impl Ferry {
                 cmd.env(k, v);
             }
         });
+        let level = match &log {
+            Some(_) => "info".to_string(),
+            None => std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        };
+        let logged = log.is_some();
         let mut child = cmd
             .args(&argv[1..])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .env(
-                "FERRY_LOG",
-                std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .stderr(log.map_or_else(Stdio::inherit, Stdio::from))
+            .env("FERRY_LOG", level)
             .spawn()
             .expect("ferry starts");
         let mut addrs = HashMap::new();
@@ -115,7 +143,16 @@ impl Ferry {
                 break;
             }
         }
-        assert!(ready, "ferry exited before it was ready");
+        assert!(
+            ready,
+            "ferry exited before it was ready{}",
+            if logged {
+                let log = std::fs::read_to_string(dir.path().join("ferry.log"));
+                format!(":\n{}", log.unwrap_or_default())
+            } else {
+                String::new()
+            }
+        );
         // Keep draining stdout so ferry never blocks on it.
         std::thread::spawn(move || for _ in lines {});
         Ferry { child, addrs, dir }

@@ -636,6 +636,19 @@ fn parse_addr(s: &str, field: &str, errs: &mut Errors) -> Option<SocketAddr> {
 }
 
 fn addrs(v: &Value, field: &str, errs: &mut Errors) -> Option<Vec<SocketAddr>> {
+    list_of(v, field, errs, |item, f, errs| {
+        scalar(item, f, errs).and_then(|s| parse_addr(&s, f, errs))
+    })
+}
+
+/// Each item of a list, read by `item` (given the item's field path); items it cannot
+/// read are left out after it reports them.
+fn list_of<T>(
+    v: &Value,
+    field: &str,
+    errs: &mut Errors,
+    mut item: impl FnMut(&Value, &str, &mut Errors) -> Option<T>,
+) -> Option<Vec<T>> {
     let Value::Sequence(items) = v else {
         errs.push(FieldError::new(
             field,
@@ -645,11 +658,8 @@ fn addrs(v: &Value, field: &str, errs: &mut Errors) -> Option<Vec<SocketAddr>> {
         return None;
     };
     let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let f = format!("{field}[{i}]");
-        if let Some(s) = scalar(item, &f, errs) {
-            out.extend(parse_addr(&s, &f, errs));
-        }
+    for (i, it) in items.iter().enumerate() {
+        out.extend(item(it, &format!("{field}[{i}]"), errs));
     }
     Some(out)
 }
@@ -657,26 +667,12 @@ fn addrs(v: &Value, field: &str, errs: &mut Errors) -> Option<Vec<SocketAddr>> {
 /// Endpoints as addresses (`10.0.0.1:8080`) or mappings with a locality
 /// (`{address: 10.0.0.1:8080, zone: eu-west-1a, region: eu-west-1}`).
 fn static_endpoints(v: &Value, field: &str, errs: &mut Errors) -> Option<Vec<StaticEndpoint>> {
-    let Value::Sequence(items) = v else {
-        errs.push(FieldError::new(
-            field,
-            describe(v),
-            "must be a list of addresses",
-        ));
-        return None;
-    };
-    let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let f = format!("{field}[{i}]");
+    list_of(v, field, errs, |item, f, errs| {
         if !matches!(item, Value::Mapping(_)) {
-            if let Some(s) = scalar(item, &f, errs) {
-                out.extend(parse_addr(&s, &f, errs).map(StaticEndpoint::from));
-            }
-            continue;
+            let s = scalar(item, f, errs)?;
+            return parse_addr(&s, f, errs).map(StaticEndpoint::from);
         }
-        let Some(m) = mapping(item, &f, errs) else {
-            continue;
-        };
+        let m = mapping(item, f, errs)?;
         let (mut addr, mut locality) = (None, Locality::default());
         for (k, v) in m {
             let kf = format!("{f}.{k}");
@@ -691,16 +687,18 @@ fn static_endpoints(v: &Value, field: &str, errs: &mut Errors) -> Option<Vec<Sta
                 )),
             }
         }
-        match addr {
-            Some(addr) => out.push(StaticEndpoint { addr, locality }),
-            None => errs.push(FieldError::new(
+        if addr.is_none() {
+            errs.push(FieldError::new(
                 format!("{f}.address"),
                 "",
                 "is required (an address such as 10.0.0.1:8080)",
-            )),
+            ));
         }
-    }
-    Some(out)
+        Some(StaticEndpoint {
+            addr: addr?,
+            locality,
+        })
+    })
 }
 
 fn static_endpoint_json(e: &StaticEndpoint) -> Json {
