@@ -126,17 +126,7 @@ impl Mesh {
             &["--addr", "0.0.0.0:8086", "--admin-addr", "127.0.0.1:9990"],
             &prefix,
         );
-        self.cluster.block_on(|| async {
-            let end = Instant::now() + Duration::from_secs(30);
-            while raw("127.0.0.1:9990".parse().unwrap(), "GET", "/ready", "")
-                .await
-                .0
-                != 200
-            {
-                assert!(Instant::now() < end, "ferry-controller not ready");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
+        c.wait_ready_in(&self.cluster, Duration::from_secs(30));
         c
     }
 

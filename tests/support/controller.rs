@@ -115,17 +115,13 @@ impl Controller {
 
     /// Waits for `/ready` (every watch has listed), from the caller's namespace.
     pub async fn wait_ready(&self, within: Duration) {
-        let end = Instant::now() + within;
-        loop {
-            if super::raw(self.admin, "GET", "/ready", "").await.0 == 200 {
-                return;
-            }
-            assert!(
-                Instant::now() < end,
-                "ferry-controller not ready within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(self.admin, within).await
+    }
+
+    /// Like [`Controller::wait_ready`], from inside `cluster`'s network namespace.
+    pub fn wait_ready_in(&self, cluster: &super::kube::Cluster, within: Duration) {
+        let admin = self.admin;
+        cluster.block_on(move || wait_ready(admin, within));
     }
 
     pub fn kill(&mut self) {
@@ -137,5 +133,20 @@ impl Controller {
 impl Drop for Controller {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Waits for a controller's `/ready` at `admin` (every watch has listed).
+pub async fn wait_ready(admin: std::net::SocketAddr, within: Duration) {
+    let end = Instant::now() + within;
+    loop {
+        if super::raw(admin, "GET", "/ready", "").await.0 == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "ferry-controller not ready within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
