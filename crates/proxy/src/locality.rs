@@ -224,9 +224,9 @@ pub struct LocalityState {
     pub service: Arc<str>,
     /// Share of the primary tier's traffic sent on to the next, in thousandths.
     spill: AtomicU32,
-    /// Where traffic went at the last computation: the primary tier's index in bits
-    /// 0-7, bit 8 set while spilling, bits 16.. the tiers getting traffic; `u32::MAX`
-    /// before the first.
+    /// Where traffic went at the last computation: the primary tier's kind in bits
+    /// 0-7, bit 8 set while spilling, bits 16.. the kinds getting traffic; `u32::MAX`
+    /// before the first. Kinds, not positions: a tier that empties shifts positions.
     placed: AtomicU32,
     metrics: Metrics,
 }
@@ -291,7 +291,8 @@ impl LocalityState {
         let mut share = shares(stats);
         let primary = share.iter().position(|s| *s > 0.0).unwrap_or(0);
         let before = self.placed.load(Ordering::Relaxed);
-        if before != u32::MAX && before & 0xff != primary as u32 {
+        let kind = tiers[primary] as u32;
+        if before != u32::MAX && before & 0xff != kind {
             // Spill belongs to the tier that was primary; a failover starts afresh.
             self.spill.store(0, Ordering::Relaxed);
         }
@@ -344,8 +345,8 @@ impl LocalityState {
                 s.healthy,
                 s.total
             );
-            // Say why a nearer tier gets nothing.
-            if let Some(near) = (0..primary).find(|&i| stats[i].total > 0) {
+            // Say why each nearer tier gets nothing.
+            for near in (0..primary).rev().filter(|&i| stats[i].total > 0) {
                 let n = &stats[near];
                 reason = format!(
                     "{}: {} of {} endpoints healthy; {}",
@@ -367,23 +368,28 @@ impl LocalityState {
         }
         let receiving = share
             .iter()
-            .enumerate()
-            .filter(|(_, s)| **s > 0.0)
-            .fold(0u32, |b, (i, _)| b | 1 << i);
-        let now = primary as u32 | u32::from(spill > 0) << 8 | receiving << 16;
+            .zip(tiers)
+            .filter(|(s, _)| **s > 0.0)
+            .fold(0u32, |b, (_, t)| b | 1 << *t as u32);
+        let now = kind | u32::from(spill > 0) << 8 | receiving << 16;
         if before != now {
             self.placed.store(now, Ordering::Relaxed);
             let service = &*self.service;
-            let home = primary == 0 && receiving == 1;
-            let (was_primary, was_spilling) = (before & 0xff, before & 1 << 8 != 0);
+            // All traffic in the nearest tier there is.
+            let home = primary == 0 && receiving == 1 << kind;
+            let (was_kind, was_spilling) = (before & 0xff, before & 1 << 8 != 0);
             let first = before == u32::MAX;
-            if home && !first {
+            if first {
+                if !home {
+                    tracing::info!(service, "locality failover: {reason}");
+                }
+            } else if kind < was_kind || (home && (was_spilling || before >> 16 != receiving)) {
                 tracing::info!(service, "locality return: {reason}");
-            } else if primary as u32 != was_primary && !home {
+            } else if kind > was_kind {
                 tracing::info!(service, "locality failover: {reason}");
-            } else if spill > 0 && (first || !was_spilling) {
+            } else if spill > 0 && !was_spilling {
                 tracing::info!(service, "locality spill: {reason}");
-            } else if !home && spill == 0 && (first || before >> 16 != receiving) {
+            } else if spill == 0 && before >> 16 != receiving {
                 // Part of the traffic moved for health (a tier lost some endpoints).
                 tracing::info!(service, "locality failover: {reason}");
             }
