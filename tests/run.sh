@@ -12,9 +12,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/ferry-target}"
 mkdir -p "$tools"
 
 # Debian packages: iptables, iproute2 and setpriv for the network-namespace tests and
-# `ferry init`; dnsmasq for DNS discovery; curl and openssl for scripts and certificates.
+# `ferry init`; dnsmasq for DNS discovery; curl and openssl for scripts and certificates;
+# promtool (package prometheus) checks the Grafana dashboard's rules and ferry's /metrics.
 missing=()
-for pair in iptables:iptables ip:iproute2 setpriv:util-linux curl:curl openssl:openssl dnsmasq:dnsmasq-base; do
+for pair in iptables:iptables ip:iproute2 setpriv:util-linux curl:curl openssl:openssl dnsmasq:dnsmasq-base promtool:prometheus; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 if ((${#missing[@]})); then
@@ -37,7 +38,8 @@ venv="$tools/venv"
 export PATH="$venv/bin:$PATH"
 
 # Go-built tools: kustomize renders deploy/; a real kube-apiserver, kube-controller-manager
-# and etcd for the Kubernetes tests (built once, ~10 minutes the first time).
+# and etcd for the Kubernetes tests (built once, ~10 minutes the first time); Jaeger v2 for
+# the traces-in-Jaeger tests (built once, a few minutes the first time).
 command -v go >/dev/null || { echo "tests/run.sh: needs Go 1.26 (the Kubernetes test binaries are built from source)" >&2; exit 1; }
 export GOBIN="$tools/go/bin" GOSUMDB=off GOTOOLCHAIN=local
 export PATH="$GOBIN:$PATH"
@@ -45,6 +47,9 @@ command -v kustomize >/dev/null || { echo "== building kustomize"; go install si
 echo "== Kubernetes binaries"
 FERRY_KUBE_BIN="$(tests/tools/build-kube.sh | tail -n 1)"
 export FERRY_KUBE_BIN
+echo "== Jaeger"
+FERRY_JAEGER_BIN="$(tests/tools/build-jaeger.sh | tail -n 1)"
+export FERRY_JAEGER_BIN
 
 echo "== cargo test --workspace"
 exec cargo test --workspace "$@"

@@ -345,10 +345,28 @@ impl ActiveSpan {
         let mut attrs = vec![
             KeyValue::new("http.request.method", r.method.as_str().to_string()),
             KeyValue::new("url.path", r.path.clone()),
+            KeyValue::new("url.scheme", "http"),
             KeyValue::new("http.response.status_code", http_status as i64),
-            KeyValue::new("network.peer.address", r.peer.ip().to_string()),
-            KeyValue::new("network.peer.port", r.peer.port() as i64),
         ];
+        // The peer is the other end of this hop: the caller for a server span, the
+        // endpoint connected to for a client span.
+        match r.kind {
+            Kind::Server => {
+                attrs.push(KeyValue::new("client.address", r.peer.ip().to_string()));
+                attrs.push(KeyValue::new(
+                    "network.peer.address",
+                    r.peer.ip().to_string(),
+                ));
+                attrs.push(KeyValue::new("network.peer.port", r.peer.port() as i64));
+            }
+            Kind::Client => {
+                if let Some(ep) = r.endpoint {
+                    attrs.push(KeyValue::new("network.peer.address", ep.ip().to_string()));
+                    attrs.push(KeyValue::new("network.peer.port", ep.port() as i64));
+                    attrs.push(KeyValue::new("url.full", format!("http://{ep}{}", r.path)));
+                }
+            }
+        }
         if let Some(ep) = r.endpoint {
             attrs.push(KeyValue::new("server.address", ep.ip().to_string()));
             attrs.push(KeyValue::new("server.port", ep.port() as i64));
@@ -392,7 +410,8 @@ impl ActiveSpan {
             attrs.push(KeyValue::new("error.type", t));
         }
         let status = if failed {
-            Status::error(error.unwrap_or("request failed"))
+            // The status code says why; only ferry's own reason adds to it.
+            Status::error(error.unwrap_or(""))
         } else {
             Status::Unset
         };
