@@ -283,6 +283,11 @@ impl Metrics {
             self.endpoint_requests.clone(),
         );
         registry.register(
+            "ferry_policy_reloads",
+            "Policies applied after the first (admin API, files, SIGHUP)",
+            self.policy_reloads.clone(),
+        );
+        registry.register(
             "ferry_errors",
             "Responses made by the proxy itself, by service and reason",
             self.errors.clone(),
@@ -770,7 +775,7 @@ impl EncodeMetric for AtomicHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let mut buckets = Vec::with_capacity(self.0.counts.len());
         for (i, c) in self.0.counts.iter().enumerate() {
-            let bound = self.0.bounds.get(i).copied().unwrap_or(f64::MAX);
+            let bound = self.0.bounds.get(i).copied().unwrap_or(f64::INFINITY);
             buckets.push((bound, c.load(Ordering::Relaxed)));
         }
         let count = buckets.iter().map(|(_, c)| c).sum();
@@ -808,6 +813,8 @@ mod tests {
             r#"ferry_requests_total{direction="outbound",service="web",route="/api",status_code="200",grpc_status="5",classification="failure"} 1"#,
             r#"ferry_request_duration_seconds_bucket{le="0.005",direction="outbound",service="web",route="/api",classification="success"} 3"#,
             r#"ferry_request_duration_seconds_count{direction="outbound",service="web",route="/api",classification="failure"} 1"#,
+            r#"ferry_request_duration_seconds_bucket{le="+Inf",direction="outbound",service="web",route="/api",classification="failure"} 1"#,
+            "ferry_policy_reloads_total 0",
             r#"ferry_endpoint_requests_total{service="web",endpoint="127.0.0.1:1",status_code="200"} 1"#,
         ] {
             assert!(text.contains(want), "{want}\n{text}");
