@@ -314,6 +314,7 @@ mod tests {
             ("ferry.dev/opaque-ports", "3306"),
             ("ferry.dev/proxy-cpu", "100m"),
             ("ferry.dev/zone", "eu-west-1a"),
+            ("ferry.dev/locality", "off"),
             ("ferry.dev/policy", "services:\n  web:\n    retries: 2\n"),
         ]))
         .unwrap();
@@ -327,6 +328,10 @@ mod tests {
             (web.lb, web.timeout, web.retries),
             (Lb::RoundRobin, Some(Duration::from_secs(2)), 2)
         );
+        // The pod's zone overrides its node's; locality is a setting like the others.
+        assert_eq!(layer.locality.zone.as_deref(), Some("eu-west-1a"));
+        assert_eq!(layer.locality.region, None);
+        assert!(!web.locality);
     }
 
     #[test]
