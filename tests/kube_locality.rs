@@ -39,8 +39,8 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value as Json, json};
 use support::controller::Controller;
 use support::kube::{
-    Cluster, ServicePortSpec, client_for, create_namespace, create_node, create_pod,
-    create_service, set_pod_ready, wait_for_slices,
+    Cluster, ServicePortSpec, create_namespace, create_node, create_pod, create_service,
+    set_pod_ready, wait_for_slices,
 };
 use support::netns::{Namespaces, as_proxy_user, ferry_for_proxy_user, is_root, must};
 use support::raw;
@@ -421,22 +421,10 @@ impl Mesh {
         self.ns.name(NODE)
     }
 
-    /// Runs `f` with a fresh kube client, inside the node namespace.
-    fn kube<T, F, Fut>(&self, f: F) -> T
-    where
-        T: Send + 'static,
-        F: FnOnce(kube::Client) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-    {
-        let kc = self.cluster.kubeconfig_path().to_path_buf();
-        self.cluster
-            .block_on(move || async move { f(client_for(&kc).await).await })
-    }
-
     /// Starts the pod's server, then its Pod object, made ready.
     fn add_pod(&mut self, pod: usize) {
         self.start_server(pod);
-        self.kube(move |c| async move {
+        self.cluster.kube(move |c| async move {
             let (name, node) = PODS[pod];
             create_pod(&c, NS, name, &[("app", "echo")], node, &[("grpc", 50051)]).await;
             set_pod_ready(&c, NS, name, &pod_ip(pod), true).await;
@@ -455,7 +443,7 @@ impl Mesh {
     /// The kubelet's readiness report for `pods`.
     fn set_ready(&self, pods: &[usize], ready: bool) {
         let pods = pods.to_vec();
-        self.kube(move |c| async move {
+        self.cluster.kube(move |c| async move {
             for pod in pods {
                 set_pod_ready(&c, NS, PODS[pod].0, &pod_ip(pod), ready).await;
             }
@@ -576,45 +564,11 @@ fn calls_stay_in_the_callers_zone_fail_over_by_zone_then_region_and_come_back() 
     let mut problems: Vec<String> = Vec::new();
     let at = |what: &str| eprintln!("[{:5.1} s] {what}", t0.elapsed().as_secs_f64());
     let ns = Namespaces::new("ferry-kl", 2 + PODS.len());
-    ns.link(NODE, "10.252.100.1/24", CLIENT, "10.252.100.2/24");
-    must(&[
-        "ip",
-        "-n",
-        ns.name(CLIENT),
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.252.100.1",
-    ]);
-    for pod in 0..PODS.len() {
-        let n = netns_of(pod);
-        ns.link(
-            NODE,
-            &format!("10.252.{n}.1/24"),
-            n,
-            &format!("{}/24", pod_ip(pod)),
-        );
-        must(&[
-            "ip",
-            "-n",
-            ns.name(n),
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.252.{n}.1"),
-        ]);
-    }
-    must(&[
-        "ip",
-        "netns",
-        "exec",
-        ns.name(NODE),
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ]);
+    // The node routes between the client pod (10.252.100.2) and the pods (10.252.<ns>.2).
+    let spokes: Vec<(usize, usize)> = std::iter::once((CLIENT, 100))
+        .chain((0..PODS.len()).map(|pod| (netns_of(pod), netns_of(pod))))
+        .collect();
+    ns.star(NODE, "10.252", &spokes);
 
     let cluster = Cluster::start(Some(ns.name(NODE)));
     let mut mesh = Mesh {
@@ -629,7 +583,7 @@ fn calls_stay_in_the_callers_zone_fail_over_by_zone_then_region_and_come_back() 
         app_protocol: Some("kubernetes.io/h2c".into()),
     };
     let port = echo_port.clone();
-    let cluster_ip = mesh.kube(|c| async move {
+    let cluster_ip = mesh.cluster.kube(|c| async move {
         create_namespace(&c, NS).await;
         create_node(&c, "node-a", Some("a"), Some("r1")).await;
         create_node(&c, "node-b", Some("b"), Some("r1")).await;
@@ -641,7 +595,7 @@ fn calls_stay_in_the_callers_zone_fail_over_by_zone_then_region_and_come_back() 
         mesh.add_pod(pod);
     }
     at("six pods created and ready");
-    mesh.kube(|c| async move {
+    mesh.cluster.kube(|c| async move {
         let six = |s: &[EndpointSlice]| ready_endpoints(s) == 6;
         wait_for_slices(&c, NS, "echo", six, Duration::from_secs(30)).await;
     });
@@ -1096,11 +1050,11 @@ fn calls_stay_in_the_callers_zone_fail_over_by_zone_then_region_and_come_back() 
     // 6. A Service with trafficDistribution PreferSameNode: a node tier above the zone;
     // calls stay on node-a's pods, not on node-a2's (zone a too).
     at("6. PreferSameNode");
-    mesh.kube(|c| async move {
+    mesh.cluster.kube(|c| async move {
         create_node(&c, "node-a2", Some("a"), Some("r1")).await;
     });
     mesh.add_pod(EXTRA);
-    let near_ip = mesh.kube(move |c| async move {
+    let near_ip = mesh.cluster.kube(move |c| async move {
         create_service(&c, NS, "echo-near", &[("app", "echo")], &[echo_port]).await;
         let api: Api<Service> = Api::namespaced(c.clone(), NS);
         let patch = json!({"spec": {"trafficDistribution": "PreferSameNode"}});

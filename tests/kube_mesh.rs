@@ -19,8 +19,8 @@ use ferry_demo::proto::EchoRequest;
 use ferry_demo::proto::echo_client::EchoClient;
 use support::controller::Controller;
 use support::kube::{
-    Cluster, ServicePortSpec, client_for, create_namespace, create_node, create_pod,
-    create_service, force_delete_pod, mark_pod_terminating, set_pod_ready,
+    Cluster, ServicePortSpec, create_namespace, create_node, create_pod, create_service,
+    force_delete_pod, mark_pod_terminating, set_pod_ready,
 };
 use support::netns::{Namespaces, as_proxy_user, ferry_for_proxy_user, is_root, must};
 use support::{Ferry, raw, set_child_env};
@@ -83,20 +83,8 @@ impl Mesh {
         self.ns.name(NODE)
     }
 
-    /// Runs `f` with a fresh kube client, inside the node namespace.
-    fn kube<T, F, Fut>(&self, f: F) -> T
-    where
-        T: Send + 'static,
-        F: FnOnce(kube::Client) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-    {
-        let kc = self.cluster.kubeconfig_path().to_path_buf();
-        self.cluster
-            .block_on(move || async move { f(client_for(&kc).await).await })
-    }
-
     fn add_pod(&self, slot: usize) {
-        self.kube(move |c| async move {
+        self.cluster.kube(move |c| async move {
             let name = format!("pod-{slot}");
             let node = if slot.is_multiple_of(2) {
                 "node-a"
@@ -109,7 +97,7 @@ impl Mesh {
     }
 
     fn remove_pod(&self, slot: usize, graceful: bool) {
-        self.kube(move |c| async move {
+        self.cluster.kube(move |c| async move {
             let name = format!("pod-{slot}");
             if graceful {
                 mark_pod_terminating(&c, NS, &name).await;
@@ -176,44 +164,11 @@ fn a_sidecar_balances_calls_to_a_cluster_ip_over_the_services_pods() {
         return;
     }
     let ns = Namespaces::new("ferry-km", 2 + SLOTS);
-    ns.link(NODE, "10.253.100.1/24", CLIENT, "10.253.100.2/24");
-    must(&[
-        "ip",
-        "-n",
-        ns.name(CLIENT),
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.253.100.1",
-    ]);
-    for slot in 2..2 + SLOTS {
-        ns.link(
-            NODE,
-            &format!("10.253.{slot}.1/24"),
-            slot,
-            &format!("{}/24", slot_ip(slot)),
-        );
-        must(&[
-            "ip",
-            "-n",
-            ns.name(slot),
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.253.{slot}.1"),
-        ]);
-    }
-    must(&[
-        "ip",
-        "netns",
-        "exec",
-        ns.name(NODE),
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ]);
+    // The node routes between the client pod (10.253.100.2) and pod slots (10.253.<slot>.2).
+    let spokes: Vec<(usize, usize)> = std::iter::once((CLIENT, 100))
+        .chain((2..2 + SLOTS).map(|slot| (slot, slot)))
+        .collect();
+    ns.star(NODE, "10.253", &spokes);
 
     let cluster = Cluster::start(Some(ns.name(NODE)));
     let mut mesh = Mesh {
@@ -221,7 +176,7 @@ fn a_sidecar_balances_calls_to_a_cluster_ip_over_the_services_pods() {
         cluster,
         cluster_ip: String::new(),
     };
-    mesh.cluster_ip = mesh.kube(|c| async move {
+    mesh.cluster_ip = mesh.cluster.kube(|c| async move {
         create_namespace(&c, NS).await;
         create_node(&c, "node-a", Some("zone-a"), Some("region-1")).await;
         create_node(&c, "node-b", Some("zone-b"), Some("region-1")).await;
@@ -468,7 +423,7 @@ fn a_sidecar_balances_calls_to_a_cluster_ip_over_the_services_pods() {
     while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(500));
         // Any change makes the controller drop subscriptions nobody listens to.
-        mesh.kube(move |c| async move {
+        mesh.cluster.kube(move |c| async move {
             let name = format!("nudge-{n}");
             let port = ServicePortSpec {
                 name: None,

@@ -255,6 +255,17 @@ impl Cluster {
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 
+    /// Runs `f` with a fresh client, inside the cluster's network namespace if it has one.
+    pub fn kube<T, F, Fut>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(Client) -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        let kc = self.kubeconfig_path().to_path_buf();
+        self.block_on(move || async move { f(client_for(&kc).await).await })
+    }
+
     /// The last `n` lines of each process's log.
     pub fn log_tails(&self, n: usize) -> String {
         let mut out = String::new();

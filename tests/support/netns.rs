@@ -62,6 +62,40 @@ impl Namespaces {
         (va, vb)
     }
 
+    /// Makes namespace `hub` the router of `spokes` (namespace, subnet): each spoke gets
+    /// a veth to the hub, `<net>.<subnet>.2/24` on its side and `.1` on the hub's, and a
+    /// default route through the hub, which forwards between them.
+    pub fn star(&self, hub: usize, net: &str, spokes: &[(usize, usize)]) {
+        for &(spoke, subnet) in spokes {
+            let gw = format!("{net}.{subnet}.1");
+            self.link(
+                hub,
+                &format!("{gw}/24"),
+                spoke,
+                &format!("{net}.{subnet}.2/24"),
+            );
+            must(&[
+                "ip",
+                "-n",
+                &self.0[spoke],
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw,
+            ]);
+        }
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.0[hub],
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+    }
+
     /// Runs `f` on a new thread inside namespace `ns`, on its own runtime, to completion.
     pub fn run<T, F, Fut>(&self, ns: usize, f: F) -> T
     where
