@@ -68,30 +68,29 @@ pub enum ReqBody {
     Kept {
         slot: std::sync::Arc<std::sync::Mutex<Option<Incoming>>>,
         body: Option<Incoming>,
+        /// The body's `is_end_stream` and `size_hint` before it is read, so hyper's
+        /// checks before the first poll take no lock.
+        unread: (bool, SizeHint),
     },
     Empty,
 }
 
 impl ReqBody {
     pub fn kept(slot: std::sync::Arc<std::sync::Mutex<Option<Incoming>>>) -> ReqBody {
-        ReqBody::Kept { slot, body: None }
+        let unread = match &*slot.lock().expect("body slot poisoned") {
+            Some(b) => (b.is_end_stream(), b.size_hint()),
+            None => (true, SizeHint::with_exact(0)),
+        };
+        ReqBody::Kept {
+            slot,
+            body: None,
+            unread,
+        }
     }
 
     /// Whether a kept body was never read: an attempt that failed to connect.
     pub fn unread(slot: &std::sync::Mutex<Option<Incoming>>) -> bool {
         slot.lock().expect("body slot poisoned").is_some()
-    }
-
-    fn peek<T>(&self, f: impl Fn(&Incoming) -> T, none: T) -> T {
-        match self {
-            ReqBody::Direct(b) | ReqBody::Kept { body: Some(b), .. } => f(b),
-            ReqBody::Kept { slot, body: None } => slot
-                .lock()
-                .expect("body slot poisoned")
-                .as_ref()
-                .map_or(none, f),
-            ReqBody::Empty => none,
-        }
     }
 }
 
@@ -105,7 +104,7 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ReqBody::Direct(b) => Pin::new(b).poll_frame(cx),
-            ReqBody::Kept { slot, body } => {
+            ReqBody::Kept { slot, body, .. } => {
                 if body.is_none() {
                     *body = slot.lock().expect("body slot poisoned").take();
                 }
@@ -119,11 +118,19 @@ impl Body for ReqBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.peek(|b| b.is_end_stream(), true)
+        match self {
+            ReqBody::Direct(b) | ReqBody::Kept { body: Some(b), .. } => b.is_end_stream(),
+            ReqBody::Kept { unread, .. } => unread.0,
+            ReqBody::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.peek(|b| b.size_hint(), SizeHint::with_exact(0))
+        match self {
+            ReqBody::Direct(b) | ReqBody::Kept { body: Some(b), .. } => b.size_hint(),
+            ReqBody::Kept { unread, .. } => unread.1,
+            ReqBody::Empty => SizeHint::with_exact(0),
+        }
     }
 }
 
