@@ -18,7 +18,7 @@ pub use policy::{
     DEFAULT_IDLE_TIMEOUT, Endpoints, Listener, ListenerKind, Locality, MetricsCompat, Policy,
     Route, RouteMatch, Service, StaticEndpoint,
 };
-pub use settings::{Formats, HashOn, Lb, Overrides, Settings};
+pub use settings::{Formats, HashOn, Lb, Overrides, RetryOn, Settings};
 
 /// The prefix of every ferry annotation and label.
 pub const ANNOTATION_PREFIX: &str = annotations::PREFIX;

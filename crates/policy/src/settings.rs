@@ -280,6 +280,169 @@ settings! {
         default 1.0,
         parse parse_ratio,
         print |v: &f64| v.to_string();
+    /// Failures after the request was written that are retried (with `retries` > 0).
+    retry_on: RetryOn = "retry-on",
+        default RetryOn::NONE,
+        parse RetryOn::parse,
+        print |v: &RetryOn| v.to_string();
+    /// Each attempt's time to response headers.
+    per_try_timeout: Option<Duration> = "per-try-timeout",
+        default None,
+        parse parse_timeout,
+        print |v: &Option<Duration>| format_timeout(*v);
+    /// Time from the request to the response headers (time to first byte).
+    response_timeout: Option<Duration> = "response-timeout",
+        default None,
+        parse parse_timeout,
+        print |v: &Option<Duration>| format_timeout(*v);
+    /// A call with no frame either way for this long is ended (streams).
+    stream_idle_timeout: Option<Duration> = "stream-idle-timeout",
+        default None,
+        parse parse_timeout,
+        print |v: &Option<Duration>| format_timeout(*v);
+    /// Consecutive failures (5xx, gRPC UNAVAILABLE, connect failures, resets) that
+    /// eject an endpoint; 0 turns outlier ejection off.
+    outlier_failures: u32 = "outlier-failures",
+        default 5,
+        parse parse_outlier_failures,
+        print |v: &u32| v.to_string();
+    /// The first ejection's length; each further one is longer by as much (up to 5 min).
+    outlier_ejection: Duration = "outlier-ejection",
+        default Duration::from_secs(10),
+        parse parse_connect_timeout,
+        print |v: &Duration| format_duration(*v);
+    /// At most this share of a service's endpoints is ejected (one always stays).
+    max_ejection_percent: u8 = "max-ejection-percent",
+        default 50,
+        parse parse_percent,
+        print |v: &u8| v.to_string();
+    /// Requests in flight to the service above which new ones are refused at once.
+    max_in_flight: Option<u32> = "max-in-flight",
+        default None,
+        parse parse_max_in_flight,
+        print |v: &Option<u32>| v.map_or_else(|| "off".to_string(), |n| n.to_string());
+    /// A concurrency limit learned from latency (AIMD), under `max-in-flight` if set.
+    adaptive_concurrency: bool = "adaptive-concurrency",
+        default false,
+        parse parse_on_off,
+        print |v: &bool| if *v { "on".to_string() } else { "off".to_string() };
+}
+
+/// What makes a written request worth sending again, as a bit set plus status codes.
+/// Whatever it says, idempotent methods are retried on 503 / gRPC `UNAVAILABLE`, and
+/// a failed connect (nothing sent) always is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RetryOn {
+    bits: u8,
+    codes: Vec<u16>,
+}
+
+impl RetryOn {
+    pub const NONE: RetryOn = RetryOn {
+        bits: 0,
+        codes: Vec::new(),
+    };
+    /// Any 5xx response.
+    pub const SERVER_ERROR: u8 = 1;
+    /// 502, 503, 504.
+    pub const GATEWAY_ERROR: u8 = 2;
+    /// 503 and gRPC `UNAVAILABLE` (14).
+    pub const UNAVAILABLE: u8 = 4;
+    /// The upstream reset or closed the connection after the request was written.
+    pub const RESET: u8 = 8;
+    pub const PER_TRY_TIMEOUT: u8 = 16;
+    const NAMES: [(&'static str, u8); 5] = [
+        ("5xx", Self::SERVER_ERROR),
+        ("gateway-error", Self::GATEWAY_ERROR),
+        ("unavailable", Self::UNAVAILABLE),
+        ("reset", Self::RESET),
+        ("per-try-timeout", Self::PER_TRY_TIMEOUT),
+    ];
+
+    pub fn has(&self, bit: u8) -> bool {
+        self.bits & bit != 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0 && self.codes.is_empty()
+    }
+
+    /// Whether a response with this HTTP status (and gRPC status, if any) is retried.
+    pub fn status(&self, status: u16, grpc: Option<u8>) -> bool {
+        (self.has(Self::SERVER_ERROR) && (500..600).contains(&status))
+            || (self.has(Self::GATEWAY_ERROR) && matches!(status, 502..=504))
+            || (self.has(Self::UNAVAILABLE) && (status == 503 || grpc == Some(14)))
+            || self.codes.contains(&status)
+    }
+
+    pub fn parse(s: &str) -> Result<RetryOn, String> {
+        let s = s.trim();
+        let mut out = RetryOn::NONE;
+        if s == "none" || s.is_empty() {
+            return Ok(out);
+        }
+        for part in s.split(',').map(str::trim) {
+            if let Some((_, b)) = Self::NAMES.iter().find(|(n, _)| *n == part) {
+                out.bits |= b;
+                continue;
+            }
+            match part.parse::<u16>() {
+                Ok(c) if (500..600).contains(&c) => {
+                    if !out.codes.contains(&c) {
+                        out.codes.push(c);
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "is not a list of retry conditions (allowed: 5xx, gateway-error, unavailable, reset, per-try-timeout, a status from 500 to 599, comma separated, or none; {part:?} is not one)"
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl fmt::Display for RetryOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("none");
+        }
+        let mut parts: Vec<String> = Self::NAMES
+            .iter()
+            .filter(|(_, b)| self.has(*b))
+            .map(|(n, _)| n.to_string())
+            .collect();
+        parts.extend(self.codes.iter().map(u16::to_string));
+        f.write_str(&parts.join(","))
+    }
+}
+
+fn parse_outlier_failures(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n <= 1000 => Ok(n),
+        _ => Err(
+            "is not a failure count (a whole number from 0 to 1000; 0 turns ejection off)".into(),
+        ),
+    }
+}
+
+fn parse_percent(s: &str) -> Result<u8, String> {
+    match s.trim().trim_end_matches('%').parse::<u8>() {
+        Ok(n) if n <= 100 => Ok(n),
+        _ => Err("is not a percentage (a whole number from 0 to 100)".into()),
+    }
+}
+
+fn parse_max_in_flight(s: &str) -> Result<Option<u32>, String> {
+    let s = s.trim();
+    if s == "off" || s == "none" {
+        return Ok(None);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(Some(n)),
+        _ => Err("is not a request count (a whole number from 1, or off)".into()),
+    }
 }
 
 impl Overrides {

@@ -29,6 +29,27 @@ const DECAY: Duration = Duration::from_secs(10);
 /// An ejected endpoint is probed with a TCP connect this often, so one that comes back
 /// takes traffic again within about this long rather than after its backoff.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The longest outlier ejection, however often an endpoint was ejected.
+const OUTLIER_MAX: Duration = Duration::from_secs(300);
+
+/// Outlier ejection settings of a service.
+#[derive(Clone, Copy, Debug)]
+pub struct Outlier {
+    pub failures: u32,
+    pub base: Duration,
+    pub max_percent: u8,
+}
+
+impl Outlier {
+    pub fn of(s: &ferry_policy::Settings) -> Outlier {
+        Outlier {
+            failures: s.outlier_failures,
+            base: s.outlier_ejection,
+            max_percent: s.max_ejection_percent,
+        }
+    }
+}
+
 /// How often the tier shares are recomputed from endpoint health and latency.
 const REFRESH: Duration = Duration::from_millis(100);
 
@@ -47,6 +68,12 @@ pub struct Endpoint {
     stamp_ns: AtomicU64,
     /// Connection failures since the last success (passive health).
     failures: AtomicU32,
+    /// Failed calls (5xx, gRPC UNAVAILABLE, resets) since the last good one (outliers).
+    errors: AtomicU32,
+    /// Outlier ejections so far: each lasts as many times the base ejection.
+    outlier_ejections: AtomicU32,
+    /// When the last outlier ejection ended, in `now_ns()` time.
+    outlier_until: AtomicU64,
     /// Until when balancers pass this endpoint over, in `now_ns()` time.
     ejected_until: AtomicU64,
     probing: AtomicBool,
@@ -87,6 +114,9 @@ impl Endpoint {
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(now_ns()),
             failures: AtomicU32::new(0),
+            errors: AtomicU32::new(0),
+            outlier_ejections: AtomicU32::new(0),
+            outlier_until: AtomicU64::new(0),
             ejected_until: AtomicU64::new(0),
             probing: AtomicBool::new(false),
             observed: AtomicBool::new(false),
@@ -106,8 +136,59 @@ impl Endpoint {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Consecutive connection failures and failed calls.
     pub fn consecutive_failures(&self) -> u32 {
-        self.failures.load(Ordering::Relaxed)
+        self.failures.load(Ordering::Relaxed) + self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Outlier ejections so far.
+    pub fn outlier_ejections(&self) -> u32 {
+        self.outlier_ejections.load(Ordering::Relaxed)
+    }
+
+    /// How a call this endpoint answered (or failed) ended. After `cfg.failures` failures
+    /// in a row the endpoint is ejected for `cfg.base` times its ejection count (at most
+    /// [`OUTLIER_MAX`]), unless that would take more than `cfg.max_percent` of the set
+    /// out (one endpoint always stays). Unlike a refused connect, a failed call may be
+    /// the fault of something behind every endpoint, which is why the share is bounded.
+    pub fn outcome(&self, failed: bool, set: &EndpointSet, cfg: Outlier) {
+        if !failed {
+            if self.errors.load(Ordering::Relaxed) != 0 {
+                self.errors.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let n = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
+        if cfg.failures == 0 || n < cfg.failures || self.is_ejected() {
+            return;
+        }
+        let len = set.endpoints.len();
+        let out = set.endpoints.iter().filter(|e| e.is_ejected()).count();
+        let allowed = out + 1 < len
+            && cfg.max_percent > 0
+            && (out == 0 || (out + 1) * 100 <= len * usize::from(cfg.max_percent));
+        if !allowed {
+            return;
+        }
+        let now = now_ns();
+        // Well-behaved for a while since the last ejection: start counting afresh.
+        let last = self.outlier_until.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) > OUTLIER_MAX.as_nanos() as u64 {
+            self.outlier_ejections.store(0, Ordering::Relaxed);
+        }
+        let k = self.outlier_ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let time = cfg.base.saturating_mul(k).min(OUTLIER_MAX);
+        let until = now + time.as_nanos() as u64;
+        self.ejected_until.fetch_max(until, Ordering::Relaxed);
+        self.outlier_until.store(until, Ordering::Relaxed);
+        self.errors.store(0, Ordering::Relaxed);
+        self.ejections.inc();
+        tracing::info!(
+            endpoint = %self.addr,
+            failures = n,
+            ejected_for = ?time,
+            "endpoint ejected: consecutive failed calls"
+        );
     }
 
     pub fn connected(&self) {
@@ -150,7 +231,10 @@ impl Endpoint {
         rt.spawn(async move {
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
-                if weak.upgrade().is_none_or(|e| e.consecutive_failures() == 0) {
+                if weak
+                    .upgrade()
+                    .is_none_or(|e| e.failures.load(Ordering::Relaxed) == 0)
+                {
                     break;
                 }
                 let up = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))

@@ -2,18 +2,24 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use ferry_telemetry::ActiveSpan;
 
-use crate::balance::InFlight;
+use crate::balance::{Endpoint, EndpointSet, InFlight, Outlier};
+use crate::errors::ProxyError;
+use crate::limit::Permit;
 use crate::metrics::RouteMetrics;
+use crate::retry::ReplayBody;
 
 /// What is recorded when a call ends, at the end of its response body: the request
 /// metrics and the span, with the gRPC status from trailers.
@@ -24,6 +30,8 @@ pub struct CallEnd {
     /// From the response headers (a trailers-only gRPC response).
     grpc: Option<u8>,
     span: ActiveSpan,
+    /// The endpoint that answered, told how the call ended (outlier ejection).
+    outcome: Option<(Arc<Endpoint>, Arc<EndpointSet>, Outlier)>,
 }
 
 impl CallEnd {
@@ -40,7 +48,13 @@ impl CallEnd {
             status,
             grpc: grpc_status(headers),
             span,
+            outcome: None,
         }
+    }
+
+    pub fn with_outcome(mut self, ep: Arc<Endpoint>, set: Arc<EndpointSet>, o: Outlier) -> Self {
+        self.outcome = Some((ep, set, o));
+        self
     }
 
     /// Records the call; `grpc` from trailers wins over the headers'.
@@ -49,7 +63,17 @@ impl CallEnd {
         self.metrics
             .record(self.status, grpc, error, self.start.elapsed());
         self.span.finish(self.status, grpc.map(i32::from), error);
+        if let Some((ep, set, o)) = self.outcome {
+            // A reset mid-stream is the upstream's failure; our own timeouts are not.
+            let failed = failed_call(self.status, grpc) || error == Some("upstream-reset");
+            ep.outcome(failed, &set, o);
+        }
     }
+}
+
+/// A call outlier detection counts against its endpoint: 5xx or gRPC `UNAVAILABLE`.
+pub fn failed_call(status: u16, grpc: Option<u8>) -> bool {
+    status >= 500 || grpc == Some(14)
 }
 
 /// `grpc-status` of headers or trailers.
@@ -59,79 +83,92 @@ pub fn grpc_status(h: &HeaderMap) -> Option<u8> {
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What the upstream clients send: the client's body as it came, a body kept for a
-/// retry, or nothing (a bodiless request rebuilt for a retry).
-pub enum ReqBody {
+/// What the upstream clients send: the client's body as it came, one kept for a replay,
+/// or nothing (a bodiless request rebuilt for a retry). With `stream-idle-timeout` each
+/// frame also stamps `activity`, so a client still sending keeps the call alive.
+pub struct ReqBody {
+    kind: ReqKind,
+    activity: Option<Arc<AtomicU64>>,
+}
+
+enum ReqKind {
     Direct(Incoming),
-    /// Taken out of `slot` at the first poll. A connect that fails never polls the body,
-    /// so after one the body is still in `slot`, whole, for the next attempt.
-    Kept {
-        slot: std::sync::Arc<std::sync::Mutex<Option<Incoming>>>,
-        body: Option<Incoming>,
-        /// The body's `is_end_stream` and `size_hint` before it is read, so hyper's
-        /// checks before the first poll take no lock.
-        unread: (bool, SizeHint),
-    },
+    Replay(ReplayBody),
     Empty,
 }
 
 impl ReqBody {
-    pub fn kept(slot: std::sync::Arc<std::sync::Mutex<Option<Incoming>>>) -> ReqBody {
-        let unread = match &*slot.lock().expect("body slot poisoned") {
-            Some(b) => (b.is_end_stream(), b.size_hint()),
-            None => (true, SizeHint::with_exact(0)),
-        };
-        ReqBody::Kept {
-            slot,
-            body: None,
-            unread,
+    pub fn direct(b: Incoming) -> Self {
+        ReqBody {
+            kind: ReqKind::Direct(b),
+            activity: None,
         }
     }
 
-    /// Whether a kept body was never read: an attempt that failed to connect.
-    pub fn unread(slot: &std::sync::Mutex<Option<Incoming>>) -> bool {
-        slot.lock().expect("body slot poisoned").is_some()
+    pub fn replay(b: ReplayBody) -> Self {
+        ReqBody {
+            kind: ReqKind::Replay(b),
+            activity: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        ReqBody {
+            kind: ReqKind::Empty,
+            activity: None,
+        }
+    }
+
+    pub fn with_activity(mut self, a: Option<Arc<AtomicU64>>) -> Self {
+        self.activity = a;
+        self
     }
 }
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ReqBody::Direct(b) => Pin::new(b).poll_frame(cx),
-            ReqBody::Kept { slot, body, .. } => {
-                if body.is_none() {
-                    *body = slot.lock().expect("body slot poisoned").take();
-                }
-                match body {
-                    Some(b) => Pin::new(b).poll_frame(cx),
-                    None => Poll::Ready(None),
-                }
-            }
-            ReqBody::Empty => Poll::Ready(None),
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let r = match &mut this.kind {
+            ReqKind::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ReqKind::Replay(b) => Pin::new(b).poll_frame(cx),
+            ReqKind::Empty => Poll::Ready(None),
+        };
+        if let (Some(a), Poll::Ready(Some(Ok(_)))) = (&this.activity, &r) {
+            a.store(clock_ns(), Ordering::Relaxed);
         }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ReqBody::Direct(b) | ReqBody::Kept { body: Some(b), .. } => b.is_end_stream(),
-            ReqBody::Kept { unread, .. } => unread.0,
-            ReqBody::Empty => true,
+        match &self.kind {
+            ReqKind::Direct(b) => b.is_end_stream(),
+            ReqKind::Replay(b) => b.is_end_stream(),
+            ReqKind::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ReqBody::Direct(b) | ReqBody::Kept { body: Some(b), .. } => b.size_hint(),
-            ReqBody::Kept { unread, .. } => unread.1,
-            ReqBody::Empty => SizeHint::with_exact(0),
+        match &self.kind {
+            ReqKind::Direct(b) => b.size_hint(),
+            ReqKind::Replay(b) => b.size_hint(),
+            ReqKind::Empty => SizeHint::with_exact(0),
         }
     }
+}
+
+/// Nanoseconds on a monotonic clock shared by both directions of a call.
+pub fn clock_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
 }
 
 pub struct ProxyBody(Kind);
@@ -144,13 +181,49 @@ enum Kind {
 
 struct Upstream {
     inner: Incoming,
-    /// Held until the body ends, so the endpoint's in-flight count covers streaming.
-    _in_flight: Option<InFlight>,
+    /// Held until the body ends, so in-flight counts and limits cover streaming.
+    _held: (Option<InFlight>, Option<Permit>),
     /// The request's deadline, when it has one (boxed only then).
     deadline: Option<Pin<Box<Sleep>>>,
+    idle: Option<Idle>,
     grpc: bool,
     done: bool,
     end: Option<CallEnd>,
+}
+
+/// `stream-idle-timeout`: one timer, pushed back lazily when it fires early, so frames
+/// cost a clock read rather than a timer reset.
+pub struct Idle {
+    every: Duration,
+    sleep: Pin<Box<Sleep>>,
+    last: u64,
+    /// Stamped by the request body's frames.
+    request: Arc<AtomicU64>,
+}
+
+impl Idle {
+    pub fn new(every: Duration, request: Arc<AtomicU64>) -> Idle {
+        Idle {
+            every,
+            sleep: Box::pin(tokio::time::sleep(every)),
+            last: clock_ns(),
+            request,
+        }
+    }
+
+    /// Whether the call has been idle for its whole allowance.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let latest = self.last.max(self.request.load(Ordering::Relaxed));
+            let quiet = Duration::from_nanos(clock_ns().saturating_sub(latest));
+            if quiet >= self.every {
+                return true;
+            }
+            let at = tokio::time::Instant::now() + (self.every - quiet);
+            self.sleep.as_mut().reset(at);
+        }
+        false
+    }
 }
 
 impl Upstream {
@@ -180,15 +253,17 @@ impl ProxyBody {
 
     pub fn upstream(
         inner: Incoming,
-        in_flight: Option<InFlight>,
+        held: (Option<InFlight>, Option<Permit>),
         deadline: Option<tokio::time::Instant>,
+        idle: Option<Idle>,
         grpc: bool,
         end: Option<CallEnd>,
     ) -> Self {
         ProxyBody(Kind::Upstream(Upstream {
             inner,
-            _in_flight: in_flight,
+            _held: held,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            idle,
             grpc,
             done: false,
             end,
@@ -196,9 +271,34 @@ impl ProxyBody {
     }
 }
 
+impl From<Bytes> for ProxyBody {
+    fn from(b: Bytes) -> Self {
+        ProxyBody::full(b)
+    }
+}
+
+impl Default for ProxyBody {
+    fn default() -> Self {
+        ProxyBody::empty()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
-#[error("the request deadline passed while the response was streaming")]
-pub struct BodyDeadline;
+#[error("ferry ended the response while it was streaming: {0}")]
+pub struct BodyCut(ProxyError);
+
+impl Upstream {
+    /// Ends a streaming response ferry gave up on: gRPC gets the trailers it expects,
+    /// anything else a reset stream (HTTP/2) or a cut connection (HTTP/1).
+    fn cut(&mut self, e: ProxyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.done = true;
+        self.finish(self.grpc.then_some(e.grpc_status()), Some(e.reason()));
+        if self.grpc {
+            return Poll::Ready(Some(Ok(Frame::trailers(e.grpc_trailers()))));
+        }
+        Poll::Ready(Some(Err(BodyCut(e).into())))
+    }
+}
 
 impl Body for ProxyBody {
     type Data = Bytes;
@@ -219,23 +319,13 @@ impl Body for ProxyBody {
                     && d.as_mut().poll(cx).is_ready()
                 {
                     u.deadline = None;
-                    u.done = true;
-                    u.finish(u.grpc.then_some(4), Some("timeout"));
-                    if u.grpc {
-                        // A stream cut by its deadline still ends the way gRPC expects.
-                        let mut t = HeaderMap::new();
-                        t.insert("grpc-status", HeaderValue::from_static("4"));
-                        t.insert(
-                            "grpc-message",
-                            HeaderValue::from_static("ferry:%20deadline%20exceeded"),
-                        );
-                        t.insert(
-                            crate::errors::FERRY_ERROR,
-                            HeaderValue::from_static("timeout"),
-                        );
-                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
-                    }
-                    return Poll::Ready(Some(Err(BodyDeadline.into())));
+                    return u.cut(ProxyError::Timeout);
+                }
+                if let Some(i) = &mut u.idle
+                    && i.expired(cx)
+                {
+                    u.idle = None;
+                    return u.cut(ProxyError::StreamIdle);
                 }
                 match Pin::new(&mut u.inner).poll_frame(cx) {
                     Poll::Ready(None) => {
@@ -244,6 +334,9 @@ impl Body for ProxyBody {
                         Poll::Ready(None)
                     }
                     Poll::Ready(Some(Ok(f))) => {
+                        if let Some(i) = &mut u.idle {
+                            i.last = clock_ns();
+                        }
                         if let Some(t) = f.trailers_ref() {
                             u.finish(grpc_status(t), None);
                         }

@@ -1,9 +1,8 @@
-//! Failures of the proxy itself, and the one place they become responses.
+//! Failures of the proxy itself, and the one place they become responses and gRPC
+//! trailers. The lowest module of the crate: it imports none of the others.
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
-
-use crate::body::ProxyBody;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
 /// Header on every response ferry made itself, so a user can tell them from upstream ones.
 pub const FERRY_ERROR: &str = "x-ferry-error";
@@ -26,6 +25,14 @@ pub enum ProxyError {
     BadRequest,
     #[error("CONNECT tunnels are not allowed here (policy http-connect: tunnel allows them)")]
     ConnectNotAllowed,
+    #[error("the upstream sent no response headers within response-timeout")]
+    ResponseTimeout,
+    #[error("the upstream sent no response headers within per-try-timeout")]
+    PerTryTimeout,
+    #[error("no frame either way within stream-idle-timeout")]
+    StreamIdle,
+    #[error("the service has too many requests in flight")]
+    Overloaded,
 }
 
 impl ProxyError {
@@ -39,12 +46,19 @@ impl ProxyError {
             ProxyError::UnknownService => "unknown-service",
             ProxyError::BadRequest => "bad-request",
             ProxyError::ConnectNotAllowed => "connect-not-allowed",
+            ProxyError::ResponseTimeout => "response-timeout",
+            ProxyError::PerTryTimeout => "per-try-timeout",
+            ProxyError::StreamIdle => "stream-idle-timeout",
+            ProxyError::Overloaded => "overloaded",
         }
     }
 
     pub fn http_status(self) -> StatusCode {
         match self {
-            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Timeout
+            | ProxyError::ResponseTimeout
+            | ProxyError::PerTryTimeout
+            | ProxyError::StreamIdle => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamReset => StatusCode::BAD_GATEWAY,
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
             ProxyError::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -52,37 +66,47 @@ impl ProxyError {
         }
     }
 
-    /// DEADLINE_EXCEEDED for timeouts, INTERNAL for a malformed request, UNAVAILABLE
-    /// otherwise.
+    /// DEADLINE_EXCEEDED for timeouts, RESOURCE_EXHAUSTED for overload, INTERNAL for a
+    /// malformed request, UNAVAILABLE otherwise.
     pub fn grpc_status(self) -> u8 {
         match self {
-            ProxyError::Timeout => 4,
+            ProxyError::Timeout
+            | ProxyError::ResponseTimeout
+            | ProxyError::PerTryTimeout
+            | ProxyError::StreamIdle => 4,
+            ProxyError::Overloaded => 8,
             ProxyError::BadRequest => 13,
             _ => 14,
         }
     }
 
+    /// How a gRPC call ferry ends itself ends: `grpc-status`, `grpc-message` and the
+    /// reason, as trailers (or as the headers of a trailers-only response).
+    pub fn grpc_trailers(self) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(4);
+        h.insert("grpc-status", HeaderValue::from(self.grpc_status() as u16));
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_str(&format!("ferry: {self}").replace(' ', "%20")).expect("ascii"),
+        );
+        h.insert(FERRY_ERROR, HeaderValue::from_static(self.reason()));
+        h
+    }
+
     /// The response a client gets: HTTP status and a short body, or for gRPC a
     /// trailers-only response with `grpc-status`.
-    pub fn to_response(self, grpc: bool) -> Response<ProxyBody> {
-        let reason = HeaderValue::from_static(self.reason());
+    pub fn to_response<B: From<Bytes> + Default>(self, grpc: bool) -> Response<B> {
         if grpc {
-            let mut r = Response::new(ProxyBody::empty());
-            let h = r.headers_mut();
-            h.insert(
+            let mut r = Response::new(B::default());
+            *r.headers_mut() = self.grpc_trailers();
+            r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/grpc"),
             );
-            h.insert("grpc-status", HeaderValue::from(self.grpc_status() as u16));
-            h.insert(
-                "grpc-message",
-                HeaderValue::from_str(&format!("ferry: {self}").replace(' ', "%20"))
-                    .expect("ascii"),
-            );
-            h.insert(FERRY_ERROR, reason);
             return r;
         }
-        let mut r = Response::new(ProxyBody::full(Bytes::from(format!("ferry: {self}\n"))));
+        let reason = HeaderValue::from_static(self.reason());
+        let mut r = Response::new(B::from(Bytes::from(format!("ferry: {self}\n"))));
         *r.status_mut() = self.http_status();
         let h = r.headers_mut();
         h.insert(

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -21,27 +21,14 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::balance::{hash_ip, hash_key};
-use crate::body::{CallEnd, ProxyBody};
+use crate::balance::{Endpoint, EndpointSet, Outlier, hash_ip, hash_key};
+use crate::body::{CallEnd, Idle, ProxyBody, ReqBody, clock_ns, failed_call, grpc_status};
 use crate::errors::ProxyError;
 use crate::metrics::RouteMetrics;
-use crate::state::{ServiceRt, Shared};
+use crate::retry::{Failure, Replay, backoff, retryable};
+use crate::state::{ServiceRt, Shared, Target};
+use ferry_policy::Settings;
 use ferry_telemetry::{ActiveSpan, Call, Kind};
-
-pub use crate::body::ReqBody;
-
-/// Where a connection's requests go.
-#[derive(Clone, Copy, Debug)]
-pub enum Target {
-    /// The service of explicit listener number N.
-    Listener(usize),
-    /// A transparent connection's destination: a known service, else itself.
-    Dst(SocketAddr),
-    /// An inbound connection: the app, at the address the caller dialled (the pod's
-    /// own IP), so an app listening on loopback only stays unreachable, as without
-    /// the mesh.
-    Inbound(SocketAddr),
-}
 
 pub struct ConnCtx {
     pub peer: SocketAddr,
@@ -65,9 +52,6 @@ pub struct ConnCtx {
 /// Cancelled requests after which an HTTP/2 connection is asked to go away, when they
 /// are also most of its requests (a client cancelling now and then is left alone).
 pub const MAX_CANCELLED: u32 = 100;
-
-/// Retries of a failed connect (nothing was sent), whatever `retries` says.
-const CONNECT_RETRIES: u32 = 2;
 
 /// Counts the request as cancelled if dropped before its response.
 struct OnCancel<'a>(Option<&'a ConnCtx>);
@@ -154,7 +138,7 @@ impl HttpProxy {
             peer: self.conn.peer,
             route: calls.route(),
         };
-        let mut span = self.shared.tracer.start(
+        let span = self.shared.tracer.start(
             call,
             settings.trace_propagation,
             settings.trace_sampling,
@@ -170,7 +154,7 @@ impl HttpProxy {
         } else {
             None
         };
-        let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), true);
         if req.version() <= Version::HTTP_11
             && let Some(a) = req.uri().authority()
@@ -188,7 +172,22 @@ impl HttpProxy {
             req.headers_mut().insert(header::UPGRADE, p);
         }
 
-        let set = svc.endpoints();
+        // Over the service's concurrency limit: answered now, not queued.
+        let permit = if settings.max_in_flight.is_some() || settings.adaptive_concurrency {
+            match svc
+                .limiter
+                .acquire(settings.max_in_flight, settings.adaptive_concurrency)
+            {
+                Some(p) => Some(p),
+                None => {
+                    return self.fail(&svc, ProxyError::Overloaded, grpc, span, (calls, start));
+                }
+            }
+        } else {
+            None
+        };
+
+        let set = svc.endpoint_set();
         let key = set.lb().is_hash().then(|| match &settings.hash_on {
             HashOn::Header(h) => req
                 .headers()
@@ -198,11 +197,8 @@ impl HttpProxy {
             HashOn::SourceIp => hash_ip(self.conn.peer.ip()),
         });
         let Some(ep) = set.pick(key, None).cloned() else {
-            drop(set);
             return self.fail(&svc, ProxyError::NoEndpoints, grpc, span, (calls, start));
         };
-        let set_len = set.endpoints.len();
-        drop(set);
 
         let pq = req
             .uri()
@@ -229,142 +225,192 @@ impl HttpProxy {
         if svc.h2 && client_upgrade.is_none() && req.version() != Version::HTTP_2 {
             *req.version_mut() = Version::HTTP_2;
         }
+
         // A failed connect sent nothing, so it is retried on another endpoint even with
         // `retries: 0` (as Istio does), when there is another: a dead pod or zone fails
-        // no call, gRPC and POST included, since the body is kept unread for the next
-        // attempt. That costs a header-map copy (and, with a body, a small allocation)
-        // per request to a balanced service.
-        let max_retries = settings.retries.max(CONNECT_RETRIES);
-        let can_retry = settings.retries > 0 || set_len > 1;
-        let retry_parts = can_retry.then(|| {
-            (
-                req.method().clone(),
-                req.headers().clone(),
-                req.version(),
-                pq,
-            )
-        });
+        // no call, gRPC and POST included. That costs a header-map copy (and, with a
+        // body, the replay buffer) per request to a balanced or retrying service.
+        let can_retry = settings.retries > 0 || set.endpoints.len() > 1;
         let (head, body) = req.into_parts();
-        let mut kept = None;
-        let body = if can_retry && !http_body::Body::is_end_stream(&body) {
-            let slot = Arc::new(std::sync::Mutex::new(Some(body)));
-            kept = Some(slot.clone());
-            ReqBody::kept(slot)
+        let retry_head = can_retry.then(|| RetryHead {
+            method: head.method.clone(),
+            headers: head.headers.clone(),
+            version: head.version,
+            pq,
+        });
+        let (body, replay) = if can_retry && !http_body::Body::is_end_stream(&body) {
+            let r = Replay::new(body);
+            (ReqBody::replay(r.attempt()), Some(r))
         } else {
-            ReqBody::Direct(body)
+            (ReqBody::direct(body), None)
         };
-        let req = Request::from_parts(head, body);
-
-        if retry_parts.is_some() {
+        let activity = settings
+            .stream_idle_timeout
+            .map(|_| Arc::new(AtomicU64::new(clock_ns())));
+        let mut req = Request::from_parts(head, body.with_activity(activity.clone()));
+        if can_retry {
             svc.retry_budget.deposit();
         }
+
+        let ctx = Attempts {
+            svc: &svc,
+            settings,
+            set,
+            grpc,
+            deadline,
+            headers_by: earliest(
+                deadline.map(|d| (d, ProxyError::Timeout)),
+                settings
+                    .response_timeout
+                    .map(|t| (start + t, ProxyError::ResponseTimeout)),
+            ),
+            head: retry_head,
+            replay,
+            activity,
+        };
         let mut ep = ep;
+        let mut span = span;
         let mut attempt = 0;
-        let mut req = Some(req);
         loop {
-            let r = req.take().expect("a request per attempt");
-            // Each attempt is timed on its own: the endpoint that answers is not charged
-            // for the time an earlier one took to fail.
-            let attempt_start = Instant::now();
-            span.set_endpoint(ep.addr);
-            let in_flight = ep.start();
-            let h2 = r.version() == Version::HTTP_2;
-            let send = if h2 {
-                svc.clients.h2.request(r)
-            } else {
-                svc.clients.h1.request(r)
-            };
-            let res = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, send).await {
-                    Ok(r) => r.map_err(|e| ProxyError::from_client(&e)),
-                    Err(_) => Err(ProxyError::Timeout),
-                },
-                None => send.await.map_err(|e| ProxyError::from_client(&e)),
-            };
-            match res {
-                Ok(mut resp) => {
-                    ep.observe(attempt_start.elapsed());
-                    ep.connected();
+            let method_version = (req.method().clone(), req.version());
+            let (res, in_flight, took) = ctx.send(&ep, req, &mut span).await;
+            let failure = match res {
+                Ok(resp) => {
                     let status = resp.status().as_u16();
-                    if let Some(s) = &ep.statuses {
-                        s.inc(status);
+                    let g = if grpc {
+                        grpc_status(resp.headers())
+                    } else {
+                        None
+                    };
+                    let failed = failed_call(status, g);
+                    if let Some(p) = &permit {
+                        p.observe(took, status == 503);
                     }
-                    // Metrics and span are recorded when the body ends, with the gRPC
-                    // status from trailers.
-                    let end = CallEnd::new(
-                        calls.clone(),
-                        start.into_std(),
-                        status,
-                        resp.headers(),
-                        span,
-                    );
-                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
-                        && let Some(client) = client_upgrade.take()
+                    if !failed
+                        || !ctx.may_retry(Failure::Status(status, g), &method_version.0, attempt)
                     {
-                        end.finish(None, None);
-                        let accepted = resp.headers().get(header::UPGRADE).cloned();
-                        tunnel(client, hyper::upgrade::on(&mut resp), in_flight);
-                        strip_hop_by_hop(resp.headers_mut(), false);
-                        if let Some(p) = accepted {
-                            resp.headers_mut()
-                                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                            resp.headers_mut().insert(header::UPGRADE, p);
-                        }
-                        return resp.map(|_| ProxyBody::empty());
+                        let end = CallEnd::new(
+                            calls.clone(),
+                            start.into_std(),
+                            status,
+                            resp.headers(),
+                            span,
+                        );
+                        let end = if settings.outlier_failures > 0 {
+                            end.with_outcome(
+                                ep.clone(),
+                                ctx.set.clone(),
+                                Outlier::of(&svc.settings),
+                            )
+                        } else {
+                            end
+                        };
+                        return self.respond(resp, end, client_upgrade, (in_flight, permit), &ctx);
                     }
-                    strip_hop_by_hop(resp.headers_mut(), false);
-                    return resp.map(|b| {
-                        ProxyBody::upstream(b, Some(in_flight), deadline, grpc, Some(end))
-                    });
+                    ep.outcome(true, &ctx.set, Outlier::of(&svc.settings));
+                    Failure::Status(status, g)
                 }
                 Err(e) => {
                     drop(in_flight);
-                    if e == ProxyError::ConnectTimeout || e == ProxyError::Timeout {
-                        // A timed-out endpoint is slow as far as the balancer can tell.
-                        ep.observe(attempt_start.elapsed());
+                    if let Some(p) = &permit
+                        && matches!(
+                            e,
+                            ProxyError::Timeout
+                                | ProxyError::ResponseTimeout
+                                | ProxyError::PerTryTimeout
+                        )
+                    {
+                        p.observe(took, true);
                     }
-                    let retryable =
-                        matches!(e, ProxyError::ConnectFailed | ProxyError::ConnectTimeout);
-                    if retryable {
-                        ep.connect_failed();
-                    }
-                    // A body already read (even partly) cannot be sent again.
-                    let body_whole = kept.as_deref().is_none_or(ReqBody::unread);
-                    let wanted =
-                        retryable && attempt < max_retries && retry_parts.is_some() && body_whole;
-                    let may_retry = wanted && svc.retry_budget.withdraw();
-                    if wanted && !may_retry {
-                        self.shared.metrics.budget_exhausted(&svc.name);
-                    }
-                    let next = match (&retry_parts, may_retry) {
-                        (Some(parts), true) => svc
-                            .endpoints()
-                            .pick(key, Some(&ep))
-                            .cloned()
-                            .map(|n| (parts, n)),
-                        _ => None,
+                    let f = match e {
+                        ProxyError::ConnectFailed | ProxyError::ConnectTimeout => {
+                            ep.connect_failed();
+                            Failure::Connect(e)
+                        }
+                        ProxyError::UpstreamReset | ProxyError::PerTryTimeout => {
+                            ep.outcome(true, &ctx.set, Outlier::of(&svc.settings));
+                            Failure::Written(e)
+                        }
+                        _ => return self.fail(&svc, e, grpc, span, (calls, start)),
                     };
-                    let Some(((method, headers, version, pq), next)) = next else {
+                    if !ctx.may_retry(f, &method_version.0, attempt) {
                         return self.fail(&svc, e, grpc, span, (calls, start));
-                    };
-                    attempt += 1;
-                    self.shared.metrics.retry(&svc.name, e.reason());
-                    span.retry(attempt, ep.addr, e.reason());
-                    tracing::debug!(service = %svc.name, from = %ep.addr, to = %next.addr, attempt, "retrying");
-                    let body = match &kept {
-                        Some(slot) => ReqBody::kept(slot.clone()),
-                        None => ReqBody::Empty,
-                    };
-                    let mut r = Request::new(body);
-                    *r.method_mut() = method.clone();
-                    *r.headers_mut() = headers.clone();
-                    *r.version_mut() = *version;
-                    *r.uri_mut() = upstream_uri(&next.authority, pq.clone()).unwrap_or_default();
-                    ep = next;
-                    req = Some(r);
+                    }
+                    f
                 }
+            };
+            // Allowed in principle; now the budget, and another endpoint if there is one.
+            if !svc.retry_budget.withdraw() {
+                self.shared.metrics.budget_exhausted(&svc.name);
+                return self.fail(&svc, failure_error(failure), grpc, span, (calls, start));
             }
+            let next = svc.endpoints().pick(key, Some(&ep)).cloned();
+            let (Some(next), Some(head)) = (next, &ctx.head) else {
+                return self.fail(&svc, failure_error(failure), grpc, span, (calls, start));
+            };
+            attempt += 1;
+            self.shared.metrics.retry(&svc.name, failure.reason());
+            span.retry(attempt, ep.addr, failure.reason());
+            tracing::debug!(service = %svc.name, from = %ep.addr, to = %next.addr, attempt, reason = failure.reason(), "retrying");
+            if !matches!(failure, Failure::Connect(_)) {
+                let wait = Instant::now() + backoff(attempt);
+                tokio::time::sleep_until(deadline.map_or(wait, |d| d.min(wait))).await;
+            }
+            let body = match &ctx.replay {
+                Some(r) => ReqBody::replay(r.attempt()),
+                None => ReqBody::empty(),
+            };
+            let mut r = Request::new(body.with_activity(ctx.activity.clone()));
+            *r.method_mut() = head.method.clone();
+            *r.headers_mut() = head.headers.clone();
+            *r.version_mut() = head.version;
+            *r.uri_mut() = upstream_uri(&next.authority, head.pq.clone()).unwrap_or_default();
+            ep = next;
+            req = r;
         }
+    }
+
+    /// The upstream's response on its way to the client: a tunnel for an accepted
+    /// upgrade, else the body wrapped so the call ends (metrics, span, outlier, limits)
+    /// when it does.
+    fn respond(
+        &self,
+        mut resp: Response<Incoming>,
+        end: CallEnd,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        held: (crate::balance::InFlight, Option<crate::limit::Permit>),
+        ctx: &Attempts<'_>,
+    ) -> Response<ProxyBody> {
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client) = client_upgrade
+        {
+            end.finish(None, None);
+            let accepted = resp.headers().get(header::UPGRADE).cloned();
+            tunnel(client, hyper::upgrade::on(&mut resp), held.0);
+            strip_hop_by_hop(resp.headers_mut(), false);
+            if let Some(p) = accepted {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                resp.headers_mut().insert(header::UPGRADE, p);
+            }
+            return resp.map(|_| ProxyBody::empty());
+        }
+        strip_hop_by_hop(resp.headers_mut(), false);
+        let idle = ctx
+            .settings
+            .stream_idle_timeout
+            .zip(ctx.activity.clone())
+            .map(|(t, a)| Idle::new(t, a));
+        resp.map(|b| {
+            ProxyBody::upstream(
+                b,
+                (Some(held.0), held.1),
+                ctx.deadline,
+                idle,
+                ctx.grpc,
+                Some(end),
+            )
+        })
     }
 
     /// A response ferry makes itself, recorded as the call's end.
@@ -407,6 +453,113 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
             cancel.0 = None;
             Ok(resp)
         })
+    }
+}
+
+/// What a retry needs to rebuild the request.
+struct RetryHead {
+    method: http::Method,
+    headers: HeaderMap,
+    version: Version,
+    pq: PathAndQuery,
+}
+
+/// One call's attempts: what stays the same from one to the next.
+struct Attempts<'a> {
+    svc: &'a ServiceRt,
+    settings: &'a Settings,
+    set: Arc<EndpointSet>,
+    grpc: bool,
+    deadline: Option<Instant>,
+    /// When the response headers must have come, and the error if they have not.
+    headers_by: Option<(Instant, ProxyError)>,
+    head: Option<RetryHead>,
+    replay: Option<Arc<Replay>>,
+    activity: Option<Arc<AtomicU64>>,
+}
+
+impl Attempts<'_> {
+    /// Sends one attempt to `ep`, timed on its own: the endpoint that answers is not
+    /// charged for the time an earlier one took to fail.
+    async fn send(
+        &self,
+        ep: &Arc<Endpoint>,
+        req: Request<ReqBody>,
+        span: &mut ActiveSpan,
+    ) -> (
+        Result<Response<Incoming>, ProxyError>,
+        crate::balance::InFlight,
+        Duration,
+    ) {
+        let attempt_start = Instant::now();
+        span.set_endpoint(ep.addr);
+        let in_flight = ep.start();
+        let send = if req.version() == Version::HTTP_2 {
+            self.svc.clients.h2.request(req)
+        } else {
+            self.svc.clients.h1.request(req)
+        };
+        let by = earliest(
+            self.headers_by,
+            self.settings
+                .per_try_timeout
+                .map(|t| (attempt_start + t, ProxyError::PerTryTimeout)),
+        );
+        let res = match by {
+            Some((at, e)) => match tokio::time::timeout_at(at, send).await {
+                Ok(r) => r.map_err(|e| ProxyError::from_client(&e)),
+                Err(_) => Err(e),
+            },
+            None => send.await.map_err(|e| ProxyError::from_client(&e)),
+        };
+        let took = attempt_start.elapsed();
+        match &res {
+            Ok(r) => {
+                ep.observe(took);
+                ep.connected();
+                if let Some(s) = &ep.statuses {
+                    s.inc(r.status().as_u16());
+                }
+            }
+            // A timed-out endpoint is slow as far as the balancer can tell.
+            Err(
+                ProxyError::ConnectTimeout
+                | ProxyError::Timeout
+                | ProxyError::ResponseTimeout
+                | ProxyError::PerTryTimeout,
+            ) => ep.observe(took),
+            Err(_) => {}
+        }
+        (res, in_flight, took)
+    }
+
+    /// Whether the failure may be retried as far as the request goes: the route's
+    /// rules, and a body that can be sent whole again.
+    fn may_retry(&self, f: Failure, method: &http::Method, attempt: u32) -> bool {
+        self.head.is_some()
+            && retryable(f, method, self.settings, attempt)
+            && self
+                .replay
+                .as_ref()
+                .is_none_or(|r| r.replayable(!matches!(f, Failure::Connect(_))))
+    }
+}
+
+/// The error a failed attempt becomes when it is not retried.
+fn failure_error(f: Failure) -> ProxyError {
+    match f {
+        Failure::Connect(e) | Failure::Written(e) => e,
+        Failure::Status(..) => ProxyError::UpstreamReset,
+    }
+}
+
+fn earliest(
+    a: Option<(Instant, ProxyError)>,
+    b: Option<(Instant, ProxyError)>,
+) -> Option<(Instant, ProxyError)> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if y.0 < x.0 { y } else { x }),
+        (x, y) => x.or(y),
     }
 }
 

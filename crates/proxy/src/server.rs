@@ -14,9 +14,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::head::{ConnTimer, HeadClock, Watched};
-use crate::http::{ConnCtx, HttpProxy, Target};
+use crate::http::{ConnCtx, HttpProxy};
 use crate::metrics::ConnLabels;
 use crate::state::Shared;
+use crate::state::Target;
 use crate::tcp;
 use prometheus_client::metrics::counter::Counter;
 

@@ -17,9 +17,12 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::balance::{Endpoint, EndpointSet};
+use crate::body::ReqBody;
 use crate::discovery::{Addr, Discover, DstWatch, Resolved};
+use crate::limit::Limiter;
 use crate::locality::{LocalityState, Place, Plan};
 use crate::metrics::{Metrics, RouteMetrics, ServiceLabels, ServiceSeries, StatusCounters};
+use crate::retry::Budget;
 
 /// How long an idle pooled connection is kept. Below the 10 s header-read timeout that
 /// peers (ferry included) use to close idle keep-alive connections, so a pooled
@@ -29,8 +32,8 @@ const POOL_IDLE: Duration = Duration::from_secs(5);
 /// Pooled upstream clients, one per protocol. Cloning shares the pools.
 #[derive(Clone)]
 pub struct Clients {
-    pub h1: Client<HttpConnector, crate::http::ReqBody>,
-    pub h2: Client<HttpConnector, crate::http::ReqBody>,
+    pub h1: Client<HttpConnector, ReqBody>,
+    pub h2: Client<HttpConnector, ReqBody>,
     connect_timeout: Duration,
 }
 
@@ -61,33 +64,17 @@ impl Clients {
     }
 }
 
-/// Retries may add at most a tenth to a service's load, plus a small reserve, so a
-/// failing upstream is not buried under retries.
-pub struct RetryBudget(std::sync::atomic::AtomicI64);
-
-const RETRY_COST: i64 = 10;
-const RETRY_RESERVE: i64 = 10 * RETRY_COST;
-const RETRY_CAP: i64 = 1000 * RETRY_COST;
-
-impl RetryBudget {
-    fn new() -> Self {
-        RetryBudget(std::sync::atomic::AtomicI64::new(RETRY_RESERVE))
-    }
-
-    /// Every request earns a tenth of a retry.
-    pub fn deposit(&self) {
-        if self.0.load(Ordering::Relaxed) < RETRY_CAP {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub fn withdraw(&self) -> bool {
-        self.0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                (b >= RETRY_COST).then(|| b - RETRY_COST)
-            })
-            .is_ok()
-    }
+/// Where a connection's requests go.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// The service of explicit listener number N.
+    Listener(usize),
+    /// A transparent connection's destination: a known service, else itself.
+    Dst(SocketAddr),
+    /// An inbound connection: the app, at the address the caller dialled (the pod's
+    /// own IP), so an app listening on loopback only stays unreachable, as without
+    /// the mesh.
+    Inbound(SocketAddr),
 }
 
 /// One service as requests see it for one policy version.
@@ -107,7 +94,9 @@ pub struct ServiceRt {
     istio: bool,
     /// Keeps the service's request series while any version of it lives.
     _series: ServiceSeries,
-    pub retry_budget: Arc<RetryBudget>,
+    pub retry_budget: Arc<Budget>,
+    /// In-flight requests and the adaptive concurrency limit; outlives versions.
+    pub limiter: Arc<Limiter>,
     /// Send HTTP/1 requests upstream as HTTP/2 (the upstream declared h2c).
     pub h2: bool,
     /// How endpoints are tiered by nearness, and the state that outlives versions.
@@ -276,7 +265,8 @@ impl Runtime {
                     settings: self.defaults.clone(),
                     routes: Vec::new(),
                     clients: self.default_clients.clone(),
-                    retry_budget: Arc::new(RetryBudget::new()),
+                    retry_budget: Arc::new(Budget::new()),
+                    limiter: Arc::new(Limiter::new()),
                     h2: false,
                     _follow: None,
                 })
@@ -428,12 +418,7 @@ impl Shared {
     }
 
     /// Where a connection's requests go.
-    pub async fn resolve(
-        self: &Arc<Self>,
-        rt: &Runtime,
-        target: crate::http::Target,
-    ) -> Option<Arc<ServiceRt>> {
-        use crate::http::Target;
+    pub async fn resolve(self: &Arc<Self>, rt: &Runtime, target: Target) -> Option<Arc<ServiceRt>> {
         match target {
             Target::Listener(i) => rt.listener_service(i).cloned(),
             Target::Dst(dst) => Some(self.dst_service(rt, dst).await),
@@ -556,7 +541,10 @@ impl Shared {
             clients: clients_for(prev, &rt.default_clients, &settings),
             retry_budget: prev
                 .map(|p| p.retry_budget.clone())
-                .unwrap_or_else(|| Arc::new(RetryBudget::new())),
+                .unwrap_or_else(|| Arc::new(Budget::new())),
+            limiter: prev
+                .map(|p| p.limiter.clone())
+                .unwrap_or_else(|| Arc::new(Limiter::new())),
             calls: call_slots(routes.len()),
             endpoint_labels,
             istio: rt.policy.metrics_istio(),
@@ -651,7 +639,10 @@ fn compile(
         let eps = reuse_endpoints(&name_arc, &addrs, &old_eps, metrics, endpoint_labels);
         let retry_budget = prev
             .map(|p| p.retry_budget.clone())
-            .unwrap_or_else(|| Arc::new(RetryBudget::new()));
+            .unwrap_or_else(|| Arc::new(Budget::new()));
+        let limiter = prev
+            .map(|p| p.limiter.clone())
+            .unwrap_or_else(|| Arc::new(Limiter::new()));
         let token = CancellationToken::new();
         let plan = Plan {
             on: settings.locality,
@@ -663,6 +654,7 @@ fn compile(
             .unwrap_or_else(|| LocalityState::new(name_arc.clone(), metrics));
         let svc = Arc::new(ServiceRt {
             retry_budget,
+            limiter,
             calls: call_slots(routes.len()),
             endpoint_labels,
             istio: policy.metrics_istio(),
