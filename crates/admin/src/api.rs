@@ -218,6 +218,7 @@ async fn endpoints(State(s): State<AdminState>) -> Response {
                     "in_flight": e.in_flight(),
                     "latency_estimate_ms": e.rtt_estimate().as_secs_f64() * 1000.0,
                     "consecutive_failures": e.consecutive_failures(),
+                    "outlier_ejections": e.outlier_ejections(),
                     "health": health,
                 })
             })
@@ -246,9 +247,14 @@ async fn endpoints(State(s): State<AdminState>) -> Response {
             "tiers": tiers,
             "reason": view.reason,
         });
+        let concurrency = json!({
+            "in_flight": svc.limiter.in_flight(),
+            "max_in_flight": svc.settings.max_in_flight,
+            "adaptive_limit": svc.settings.adaptive_concurrency.then(|| svc.limiter.limit()),
+        });
         services.insert(
             svc.name.to_string(),
-            json!({"lb": set.lb().as_str(), "source": source, "locality": locality, "endpoints": eps}),
+            json!({"lb": set.lb().as_str(), "source": source, "locality": locality, "concurrency": concurrency, "endpoints": eps}),
         );
     }
     json_ok(json!({"version": rt.version, "services": services}))

@@ -274,7 +274,7 @@ impl HttpProxy {
         loop {
             let method_version = (req.method().clone(), req.version());
             let (res, in_flight, took) = ctx.send(&ep, req, &mut span).await;
-            let failure = match res {
+            let (failure, next) = match res {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let g = if grpc {
@@ -282,13 +282,17 @@ impl HttpProxy {
                     } else {
                         None
                     };
-                    let failed = failed_call(status, g);
                     if let Some(p) = &permit {
                         p.observe(took, status == 503);
                     }
-                    if !failed
-                        || !ctx.may_retry(Failure::Status(status, g), &method_version.0, attempt)
-                    {
+                    let failure = Failure::Status(status, g);
+                    let next = if failed_call(status, g) {
+                        self.next_attempt(&ctx, &ep, key, failure, &method_version.0, attempt)
+                    } else {
+                        None
+                    };
+                    // Not retried: the upstream's own answer goes back, whatever it is.
+                    let Some(next) = next else {
                         let end = CallEnd::new(
                             calls.clone(),
                             start.into_std(),
@@ -306,9 +310,9 @@ impl HttpProxy {
                             end
                         };
                         return self.respond(resp, end, client_upgrade, (in_flight, permit), &ctx);
-                    }
+                    };
                     ep.outcome(true, &ctx.set, Outlier::of(&svc.settings));
-                    Failure::Status(status, g)
+                    (failure, next)
                 }
                 Err(e) => {
                     drop(in_flight);
@@ -333,21 +337,13 @@ impl HttpProxy {
                         }
                         _ => return self.fail(&svc, e, grpc, span, (calls, start)),
                     };
-                    if !ctx.may_retry(f, &method_version.0, attempt) {
-                        return self.fail(&svc, e, grpc, span, (calls, start));
+                    match self.next_attempt(&ctx, &ep, key, f, &method_version.0, attempt) {
+                        Some(next) => (f, next),
+                        None => return self.fail(&svc, e, grpc, span, (calls, start)),
                     }
-                    f
                 }
             };
-            // Allowed in principle; now the budget, and another endpoint if there is one.
-            if !svc.retry_budget.withdraw() {
-                self.shared.metrics.budget_exhausted(&svc.name);
-                return self.fail(&svc, failure_error(failure), grpc, span, (calls, start));
-            }
-            let next = svc.endpoints().pick(key, Some(&ep)).cloned();
-            let (Some(next), Some(head)) = (next, &ctx.head) else {
-                return self.fail(&svc, failure_error(failure), grpc, span, (calls, start));
-            };
+            let head = ctx.head.as_ref().expect("a retry has the request head");
             attempt += 1;
             self.shared.metrics.retry(&svc.name, failure.reason());
             span.retry(attempt, ep.addr, failure.reason());
@@ -368,6 +364,27 @@ impl HttpProxy {
             ep = next;
             req = r;
         }
+    }
+
+    /// The endpoint to send a failed attempt to next, when the route's rules, the
+    /// body, the retry budget and the endpoints allow one.
+    fn next_attempt(
+        &self,
+        ctx: &Attempts<'_>,
+        ep: &Arc<Endpoint>,
+        key: Option<u64>,
+        f: Failure,
+        method: &http::Method,
+        attempt: u32,
+    ) -> Option<Arc<Endpoint>> {
+        if !ctx.may_retry(f, method, attempt) {
+            return None;
+        }
+        if !ctx.svc.retry_budget.withdraw() {
+            self.shared.metrics.budget_exhausted(&ctx.svc.name);
+            return None;
+        }
+        ctx.svc.endpoints().pick(key, Some(ep)).cloned()
     }
 
     /// The upstream's response on its way to the client: a tunnel for an accepted
@@ -542,14 +559,6 @@ impl Attempts<'_> {
                 .replay
                 .as_ref()
                 .is_none_or(|r| r.replayable(!matches!(f, Failure::Connect(_))))
-    }
-}
-
-/// The error a failed attempt becomes when it is not retried.
-fn failure_error(f: Failure) -> ProxyError {
-    match f {
-        Failure::Connect(e) | Failure::Written(e) => e,
-        Failure::Status(..) => ProxyError::UpstreamReset,
     }
 }
 
