@@ -1012,3 +1012,116 @@ async fn bad_resilience_values_are_refused_naming_the_key() {
     let mut c = Conn::open(f.addr("web")).await.unwrap();
     assert_eq!(c.get("/").await, Ok((200, "a".to_string())));
 }
+
+// === 9. HTTP/2 streams the upstream never processed ===
+
+/// A raw HTTP/2 server that answers `REFUSED_STREAM` to every stream when `refuse`,
+/// else 200 with its name; it records every body it read whole.
+async fn h2_backend(name: &'static str, refuse: bool) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let seen = log.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let seen = seen.clone();
+                    tokio::spawn(async move {
+                        let method = req.method().to_string();
+                        if refuse {
+                            seen.lock().unwrap().push(Hit {
+                                at: Instant::now(),
+                                method,
+                                body: None,
+                            });
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            return;
+                        }
+                        let mut body = req.into_body();
+                        let mut got = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            got.extend_from_slice(&chunk);
+                        }
+                        seen.lock().unwrap().push(Hit {
+                            at: Instant::now(),
+                            method,
+                            body: Some(Bytes::from(got)),
+                        });
+                        let resp = Response::builder().status(200).body(()).unwrap();
+                        if let Ok(mut send) = respond.send_response(resp, false) {
+                            let _ = send.send_data(Bytes::from(name), true);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    Backend { addr, log }
+}
+
+/// An HTTP/2 upstream that refuses a stream (`REFUSED_STREAM`) did nothing with it, so
+/// a POST goes to the other endpoint with its body, even with `retries: 0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_stream_is_sent_to_another_endpoint_even_as_a_post() {
+    let refusing = h2_backend("refusing", true).await;
+    let good = h2_backend("good", false).await;
+    let f = Ferry::start_logged(&policy(&[(
+        "web",
+        &[refusing.addr, good.addr],
+        &[("outlier-failures", "0")],
+    )]));
+    let tcp = TcpStream::connect(f.addr("web")).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut sent = Vec::new();
+    for i in 0..4u8 {
+        let body = body_of(8 * 1024, i);
+        sent.push(body.clone());
+        let req = Request::post(format!("http://{}/submit", f.addr("web")))
+            .body(Full::new(body))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status();
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            (status.as_u16(), &got[..]),
+            (200, &b"good"[..]),
+            "POST {i}\n{}",
+            log_tail(&f)
+        );
+    }
+    let bodies: Vec<Bytes> = good.log().into_iter().filter_map(|h| h.body).collect();
+    eprintln!(
+        "test 9: the refusing endpoint saw {}, the good one {}",
+        refusing.hits(),
+        good.hits()
+    );
+    assert!(
+        refusing.hits() >= 1,
+        "no stream went to the refusing endpoint"
+    );
+    assert_eq!(
+        bodies, sent,
+        "each POST reached the good endpoint once, whole"
+    );
+    let m = f.metrics().await;
+    assert!(
+        metric(
+            &m,
+            r#"ferry_retries_total{service="web",reason="refused-stream"}"#
+        ) >= 1.0,
+        "{}",
+        metric_lines(&m, "ferry_retries_total")
+    );
+}

@@ -33,6 +33,8 @@ pub enum ProxyError {
     StreamIdle,
     #[error("the service has too many requests in flight")]
     Overloaded,
+    #[error("the upstream refused the stream unprocessed (REFUSED_STREAM or GOAWAY)")]
+    Unprocessed,
 }
 
 impl ProxyError {
@@ -50,6 +52,7 @@ impl ProxyError {
             ProxyError::PerTryTimeout => "per-try-timeout",
             ProxyError::StreamIdle => "stream-idle-timeout",
             ProxyError::Overloaded => "overloaded",
+            ProxyError::Unprocessed => "refused-stream",
         }
     }
 
@@ -132,9 +135,16 @@ impl ProxyError {
             return ProxyError::ConnectFailed;
         }
         // The client's own body failed (a malformed chunk, a reset): its fault, not the
-        // upstream's, so it is not counted against the upstream.
+        // upstream's, so it is not counted against the upstream. An HTTP/2 upstream that
+        // refused the stream, or went away before it, did nothing with the request.
         let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
         while let Some(s) = src {
+            if let Some(h2) = s.downcast_ref::<h2::Error>()
+                && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && h2.is_remote()))
+            {
+                return ProxyError::Unprocessed;
+            }
             if s.downcast_ref::<hyper::Error>()
                 .is_some_and(hyper::Error::is_user)
             {

@@ -331,6 +331,7 @@ impl HttpProxy {
                             ep.connect_failed();
                             Failure::Connect(e)
                         }
+                        ProxyError::Unprocessed => Failure::Unprocessed,
                         ProxyError::UpstreamReset | ProxyError::PerTryTimeout => {
                             ep.outcome(true, &ctx.set, Outlier::of(&svc.settings));
                             Failure::Written(e)
@@ -348,7 +349,7 @@ impl HttpProxy {
             self.shared.metrics.retry(&svc.name, failure.reason());
             span.retry(attempt, ep.addr, failure.reason());
             tracing::debug!(service = %svc.name, from = %ep.addr, to = %next.addr, attempt, reason = failure.reason(), "retrying");
-            if !matches!(failure, Failure::Connect(_)) {
+            if !matches!(failure, Failure::Connect(_) | Failure::Unprocessed) {
                 let wait = Instant::now() + backoff(attempt);
                 tokio::time::sleep_until(deadline.map_or(wait, |d| d.min(wait))).await;
             }

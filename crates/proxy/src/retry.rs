@@ -34,6 +34,9 @@ const BACKOFF_MAX: Duration = Duration::from_millis(250);
 pub enum Failure {
     /// Nothing was sent: the connect failed or timed out.
     Connect(ProxyError),
+    /// Sent, but the upstream says it did nothing with it (HTTP/2 `REFUSED_STREAM`, a
+    /// stream above a GOAWAY's last stream id): as safe to send again as a failed connect.
+    Unprocessed,
     /// The request was (maybe partly) written, then the upstream reset or timed out.
     Written(ProxyError),
     /// The upstream answered with this status (and gRPC status in the headers).
@@ -45,6 +48,7 @@ impl Failure {
     pub fn reason(self) -> &'static str {
         match self {
             Failure::Connect(e) | Failure::Written(e) => e.reason(),
+            Failure::Unprocessed => ProxyError::Unprocessed.reason(),
             Failure::Status(_, Some(14)) => "unavailable",
             Failure::Status(503, _) => "unavailable",
             Failure::Status(..) => "status",
@@ -55,7 +59,7 @@ impl Failure {
 /// Whether a failed attempt may be sent again, before the budget and the endpoint count
 /// have their say. `attempt` counts from 0 (the first send).
 pub fn retryable(f: Failure, method: &Method, settings: &Settings, attempt: u32) -> bool {
-    if let Failure::Connect(_) = f {
+    if let Failure::Connect(_) | Failure::Unprocessed = f {
         return attempt < settings.retries.max(CONNECT_RETRIES);
     }
     if attempt >= settings.retries {
@@ -63,7 +67,7 @@ pub fn retryable(f: Failure, method: &Method, settings: &Settings, attempt: u32)
     }
     let on = &settings.retry_on;
     match f {
-        Failure::Connect(_) => unreachable!(),
+        Failure::Connect(_) | Failure::Unprocessed => unreachable!(),
         Failure::Written(ProxyError::PerTryTimeout) => on.has(RetryOn::PER_TRY_TIMEOUT),
         Failure::Written(_) => on.has(RetryOn::RESET),
         Failure::Status(s, g) => {
