@@ -671,4 +671,31 @@ mod tests {
         assert_eq!(s.connect_timeout, Duration::from_secs(1));
         assert_eq!(Overrides::default().set("nope", "x"), Ok(false));
     }
+
+    /// Every setting is in the README's annotation table and in the policy file guide.
+    #[test]
+    fn every_setting_is_documented() {
+        let readme = include_str!("../../../README.md");
+        let guide = include_str!("../../../docs/policy-file.md");
+        for key in Overrides::KEYS {
+            assert!(
+                readme.contains(&format!("`ferry.dev/{key}`")),
+                "README.md's annotation table lacks ferry.dev/{key}"
+            );
+            assert!(
+                guide.contains(&format!("  {key}:")),
+                "docs/policy-file.md lacks {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_conditions_parse_and_print_back() {
+        let r = RetryOn::parse("reset, 503,unavailable").unwrap();
+        assert_eq!(r.to_string(), "unavailable,reset,503");
+        assert!(r.status(503, None) && r.status(200, Some(14)) && !r.status(500, None));
+        assert_eq!(RetryOn::parse("none").unwrap(), RetryOn::NONE);
+        let e = RetryOn::parse("5xx,404").unwrap_err();
+        assert!(e.contains("\"404\" is not one"), "{e}");
+    }
 }
