@@ -148,7 +148,7 @@ impl Endpoint {
 
     /// How a call this endpoint answered (or failed) ended. After `cfg.failures` failures
     /// in a row the endpoint is ejected for `cfg.base` times its ejection count (at most
-    /// [`OUTLIER_MAX`]), unless that would take more than `cfg.max_percent` of the set
+    /// 5 min), unless that would take more than `cfg.max_percent` of the set
     /// out (one endpoint always stays). Unlike a refused connect, a failed call may be
     /// the fault of something behind every endpoint, which is why the share is bounded.
     pub fn outcome(&self, failed: bool, set: &EndpointSet, cfg: Outlier) {

@@ -81,7 +81,7 @@ pub fn grpc_status(h: &HeaderMap) -> Option<u8> {
     h.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::errors::BoxError;
 
 /// What the upstream clients send: the client's body as it came, one kept for a replay,
 /// or nothing (a bodiless request rebuilt for a retry). With `stream-idle-timeout` each

@@ -1,6 +1,6 @@
 //! Endpoint sources behind one trait: static lists and DNS for policy services, and
 //! for transparent destinations no policy service claims, what the discovery controller
-//! says of them (Kubernetes Services, see [`crate::controller`]).
+//! says of them (Kubernetes Services, see the `controller` module).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

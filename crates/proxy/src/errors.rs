@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Header on every response ferry made itself, so a user can tell them from upstream ones.
 pub const FERRY_ERROR: &str = "x-ferry-error";
 

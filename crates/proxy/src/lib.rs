@@ -3,6 +3,23 @@
 //!
 //! The policy arrives as a [`ferry_policy::Policy`]; [`Shared::apply`] compiles it into a
 //! [`Runtime`] and swaps it in with `arc-swap`, so requests never take a lock to read it.
+//!
+//! Modules, each importing only those listed before it:
+//!
+//! - [`errors`]: the proxy's own failures, and the responses and gRPC trailers they become.
+//! - [`metrics`]: the Prometheus families and per-route handles.
+//! - [`locality`]: tiers by nearness, and when traffic fails over or spills.
+//! - [`balance`]: endpoints (load, latency, health, ejection) and the balancers.
+//! - [`limit`]: the concurrency limiter, static and adaptive.
+//! - [`retry`]: what may be retried, the retry budget, the replayable request body.
+//! - [`body`]: request and response bodies; a call ends with its response body.
+//! - [`discovery`], [`controller`]: endpoints from DNS or ferry-controller.
+//! - [`state`]: the compiled policy: services, routes, clients, shared state.
+//! - [`http`]: HTTP on the wire: hop-by-hop headers, upgrades, `grpc-timeout`.
+//! - [`stack`]: the request path as tower layers, top to bottom: route, trace,
+//!   deadline, limit, retry, balance, endpoint, upstream.
+//! - [`detect`], [`head`], [`tcp`], `server`: listeners, protocol detection, header
+//!   timers, opaque TCP.
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +36,7 @@ pub mod locality;
 pub mod metrics;
 pub mod retry;
 mod server;
+pub mod stack;
 pub mod state;
 pub mod tcp;
 

@@ -7,7 +7,7 @@
 //! baseline latency (plus a little) adds 1/limit while the limit is in use; a slower one,
 //! or a timeout, cuts it by a tenth, at most once per baseline interval so one burst of
 //! slow answers is one cut. The baseline is the fastest latency seen in the last
-//! [`BASELINE_TTL`], so it follows an upstream that got slower for good.
+//! 30 s, so it follows an upstream that got slower for good.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -251,7 +251,7 @@ pub struct Superseded;
 
 impl Body for ReplayBody {
     type Data = Bytes;
-    type Error = crate::body::BoxError;
+    type Error = crate::errors::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,

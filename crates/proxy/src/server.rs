@@ -14,8 +14,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::head::{ConnTimer, HeadClock, Watched};
-use crate::http::{ConnCtx, HttpProxy};
 use crate::metrics::ConnLabels;
+use crate::stack::route::{ConnCtx, HttpProxy};
 use crate::state::Shared;
 use crate::state::Target;
 use crate::tcp;

@@ -118,6 +118,14 @@ impl ServiceRt {
             .unwrap_or((0, &self.settings))
     }
 
+    /// The settings of route `route` (from [`ServiceRt::route_for`]).
+    pub fn route_settings(&self, route: usize) -> &Settings {
+        match route {
+            0 => &self.settings,
+            i => &self.routes[i - 1].1,
+        }
+    }
+
     /// The metric handles for calls on route `route` (from [`ServiceRt::route_for`]).
     pub fn calls(&self, route: usize, inbound: bool, metrics: &Metrics) -> &Arc<RouteMetrics> {
         self.calls[route][inbound as usize].get_or_init(|| {

@@ -308,6 +308,7 @@ struct Recording {
 }
 
 /// A request's span; recording only when sampled and exporting, free otherwise.
+#[derive(Default)]
 pub struct ActiveSpan(Option<Box<Recording>>);
 
 impl ActiveSpan {

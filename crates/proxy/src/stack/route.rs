@@ -1,0 +1,224 @@
+//! The top of the stack: a connection's hyper service. Per request it finds the service
+//! (once per connection and policy version for a transparent destination) and the route,
+//! readies the headers for the next hop (hop-by-hop, `Host`, `X-Forwarded-For`, an
+//! upgrade's handshake, HTTP/2 for an h2c upstream), and hands the [`Call`] down.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use arc_swap::ArcSwapOption;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::Service as _;
+
+use ferry_telemetry::ActiveSpan;
+
+use super::call::{Call, Ctx};
+use crate::body::ProxyBody;
+use crate::errors::ProxyError;
+use crate::http::{forwarded_for, is_grpc, strip_hop_by_hop, upgrade_protocol};
+use crate::state::{ServiceRt, Shared, Target};
+
+pub struct ConnCtx {
+    pub peer: SocketAddr,
+    pub target: Target,
+    /// Inbound connections get server spans; everything else client spans.
+    pub inbound: bool,
+    /// Inbound: tell the app who called (`X-Forwarded-For`, `X-Forwarded-Proto`).
+    pub forwarded: bool,
+    /// CONNECT requests are tunnelled rather than refused.
+    pub allow_connect: bool,
+    /// The service a `Dst` connection resolved to, and for which policy version.
+    cached: ArcSwapOption<ServiceRt>,
+    /// Requests, and those the client cancelled before their response (HTTP/2
+    /// RST_STREAM after the proxy took them on: h2's own reset limit does not see those).
+    requests: AtomicU32,
+    cancelled: AtomicU32,
+    /// Woken when cancellations look like an attack rather than a client's deadlines.
+    pub too_many_cancels: tokio::sync::Notify,
+}
+
+/// Cancelled requests after which an HTTP/2 connection is asked to go away, when they
+/// are also most of its requests (a client cancelling now and then is left alone).
+pub const MAX_CANCELLED: u32 = 100;
+
+/// Counts the request as cancelled if dropped before its response.
+struct OnCancel<'a>(Option<&'a ConnCtx>);
+
+impl Drop for OnCancel<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            let n = c.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+            if n >= MAX_CANCELLED && n * 2 > c.requests.load(Ordering::Relaxed) {
+                c.too_many_cancels.notify_one();
+            }
+        }
+    }
+}
+
+impl ConnCtx {
+    pub fn new(peer: SocketAddr, target: Target, inbound: bool) -> Self {
+        ConnCtx {
+            peer,
+            target,
+            inbound,
+            forwarded: true,
+            allow_connect: false,
+            cached: ArcSwapOption::empty(),
+            requests: AtomicU32::new(0),
+            cancelled: AtomicU32::new(0),
+            too_many_cancels: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpProxy {
+    shared: Arc<Shared>,
+    conn: Arc<ConnCtx>,
+    stack: Stack,
+}
+
+impl HttpProxy {
+    pub fn new(shared: Arc<Shared>, conn: Arc<ConnCtx>) -> Self {
+        HttpProxy {
+            shared,
+            conn,
+            stack: new(),
+        }
+    }
+
+    async fn service(&self) -> Option<Arc<ServiceRt>> {
+        {
+            let rt = self.shared.load();
+            if let Target::Listener(i) = self.conn.target {
+                return rt.listener_service(i).cloned();
+            }
+            if let Some(s) = &*self.conn.cached.load()
+                && s.version == rt.version
+            {
+                return Some(s.clone());
+            }
+        }
+        // Once per connection and policy version: may wait for discovery's first answer.
+        let rt = self.shared.load_full();
+        let svc = self.shared.resolve(&rt, self.conn.target).await?;
+        self.conn.cached.store(Some(svc.clone()));
+        Some(svc)
+    }
+
+    /// The request's service and route, its headers made ready for the next hop, and
+    /// the stack below for the rest.
+    async fn route(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let grpc = is_grpc(req.headers());
+        if req.method() == http::Method::CONNECT && !self.conn.allow_connect {
+            return ProxyError::ConnectNotAllowed.to_response(grpc);
+        }
+        let Some(svc) = self.service().await else {
+            return ProxyError::UnknownService.to_response(grpc);
+        };
+        let (route, _) = svc.route_for(req.uri().path());
+        let calls = svc
+            .calls(route, self.conn.inbound, &self.shared.metrics)
+            .clone();
+        // An HTTP/1.1 upgrade (WebSocket and the like) keeps its handshake headers and
+        // becomes a byte tunnel once the upstream answers 101.
+        let upgrade = if req.version() == Version::HTTP_11 {
+            upgrade_protocol(req.headers())
+        } else {
+            None
+        };
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        strip_hop_by_hop(req.headers_mut(), true);
+        if req.version() <= Version::HTTP_11
+            && let Some(a) = req.uri().authority()
+            && let Ok(host) = HeaderValue::from_str(a.as_str())
+        {
+            // RFC 9112 §3.2.2: an absolute-form target's authority is the Host.
+            req.headers_mut().insert(header::HOST, host);
+        }
+        if self.conn.inbound && self.conn.forwarded {
+            forwarded_for(req.headers_mut(), self.conn.peer);
+        }
+        if let Some(p) = upgrade {
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            req.headers_mut().insert(header::UPGRADE, p);
+        }
+        // The upstream declared h2c (appProtocol): HTTP/1 requests go as HTTP/2 over the
+        // pooled multiplexed connection. Upgrades need HTTP/1.1 and stay as they are.
+        if svc.h2 && client_upgrade.is_none() && req.version() != Version::HTTP_2 {
+            *req.version_mut() = Version::HTTP_2;
+        }
+        let ctx = Ctx {
+            shared: self.shared.clone(),
+            svc,
+            route,
+            calls,
+            peer: self.conn.peer,
+            inbound: self.conn.inbound,
+            grpc,
+            start,
+            deadline: None,
+            headers_by: None,
+            activity: None,
+            upgrade: client_upgrade,
+            span: ActiveSpan::default(),
+            permit: None,
+            set: None,
+            ep: None,
+            avoid: None,
+        };
+        let mut stack = self.stack.clone();
+        match stack.call(Call { req, ctx }).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for HttpProxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            this.conn.requests.fetch_add(1, Ordering::Relaxed);
+            let mut cancel = OnCancel(Some(&this.conn));
+            let resp = this.route(req).await;
+            cancel.0 = None;
+            Ok(resp)
+        })
+    }
+}
+
+/// The stack below [`HttpProxy`], assembled in one place.
+pub type Stack = super::trace::Trace<
+    super::deadline::Deadline<
+        super::limit::Limit<
+            super::retry::Retry<
+                super::balance::Balance<super::endpoint::EndpointSvc<super::upstream::Upstream>>,
+            >,
+        >,
+    >,
+>;
+
+pub fn new() -> Stack {
+    tower::ServiceBuilder::new()
+        .layer(super::trace::TraceLayer)
+        .layer(super::deadline::DeadlineLayer)
+        .layer(super::limit::LimitLayer)
+        .layer(super::retry::RetryLayer)
+        .layer(super::balance::BalanceLayer)
+        .layer(super::endpoint::EndpointLayer)
+        .service(super::upstream::Upstream)
+}
