@@ -701,6 +701,24 @@ fn two_distinct(n: usize) -> (usize, usize) {
 }
 
 /// The hash of a balancing key, stable across processes so a restart keeps keys in place.
+/// The key a hash balancer picks by, for a request (its headers, when HTTP) from
+/// `peer`; `None` for the other balancers.
+pub fn request_key(
+    lb: Lb,
+    on: &ferry_policy::HashOn,
+    headers: Option<&http::HeaderMap>,
+    peer: std::net::SocketAddr,
+) -> Option<u64> {
+    if !lb.is_hash() {
+        return None;
+    }
+    let header = match on {
+        ferry_policy::HashOn::Header(h) => headers.and_then(|hs| hs.get(h.as_str())),
+        ferry_policy::HashOn::SourceIp => None,
+    };
+    Some(header.map_or_else(|| hash_ip(peer.ip()), |v| hash_key(v.as_bytes())))
+}
+
 pub fn hash_key(bytes: &[u8]) -> u64 {
     xxh3_64(bytes)
 }

@@ -295,16 +295,12 @@ async fn opaque_dst(
     shared: &Arc<Shared>,
     ctx: &ConnCtx,
 ) -> anyhow::Result<(SocketAddr, Duration, Arc<str>)> {
-    let rt = shared.load_full();
-    let svc = shared
-        .resolve(&rt, ctx.target)
+    let svc = ctx
+        .service(shared)
         .await
         .ok_or_else(|| anyhow::anyhow!("no service for this listener"))?;
     let set = svc.endpoints();
-    let key = set
-        .lb()
-        .is_hash()
-        .then(|| crate::balance::hash_ip(ctx.peer.ip()));
+    let key = crate::balance::request_key(set.lb(), &svc.settings.hash_on, None, ctx.peer);
     let ep = set.pick(key, None).ok_or_else(|| {
         shared.metrics.error(&svc.name, "no-endpoints");
         anyhow::anyhow!("service {} has no endpoints", svc.name)

@@ -4,12 +4,11 @@
 
 use std::task::{Context, Poll};
 
-use ferry_policy::HashOn;
 use futures::future::Either as E;
 use http::uri::{PathAndQuery, Scheme, Uri};
 
 use super::call::{Answer, Call, Either, Failed};
-use crate::balance::{hash_ip, hash_key};
+use crate::balance::request_key;
 use crate::errors::ProxyError;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -46,15 +45,12 @@ where
             ctx.set = Some(ctx.svc.endpoint_set());
         }
         let set = ctx.set.as_deref().expect("just set");
-        let key = set.lb().is_hash().then(|| match &ctx.settings().hash_on {
-            HashOn::Header(h) => call
-                .req
-                .headers()
-                .get(h.as_str())
-                .map(|v| hash_key(v.as_bytes()))
-                .unwrap_or_else(|| hash_ip(ctx.peer.ip())),
-            HashOn::SourceIp => hash_ip(ctx.peer.ip()),
-        });
+        let key = request_key(
+            set.lb(),
+            &ctx.settings().hash_on,
+            Some(call.req.headers()),
+            ctx.peer,
+        );
         let Some(ep) = set.pick(key, ctx.avoid.as_ref()).cloned() else {
             return E::Left(fail(ProxyError::NoEndpoints, call));
         };

@@ -76,6 +76,28 @@ impl ConnCtx {
             too_many_cancels: tokio::sync::Notify::new(),
         }
     }
+
+    /// The service this connection's requests go to, for HTTP and opaque TCP alike:
+    /// resolved once per connection and policy version (a transparent destination may
+    /// wait for discovery's first answer), then read without a lock.
+    pub async fn service(&self, shared: &Arc<Shared>) -> Option<Arc<ServiceRt>> {
+        {
+            let rt = shared.load();
+            if let Target::Listener(i) = self.target {
+                return rt.listener_service(i).cloned();
+            }
+            if let Some(s) = &*self.cached.load()
+                && s.version == rt.version
+            {
+                return Some(s.clone());
+            }
+        }
+        // Once per connection and policy version: may wait for discovery's first answer.
+        let rt = shared.load_full();
+        let svc = shared.resolve(&rt, self.target).await?;
+        self.cached.store(Some(svc.clone()));
+        Some(svc)
+    }
 }
 
 #[derive(Clone)]
@@ -94,25 +116,6 @@ impl HttpProxy {
         }
     }
 
-    async fn service(&self) -> Option<Arc<ServiceRt>> {
-        {
-            let rt = self.shared.load();
-            if let Target::Listener(i) = self.conn.target {
-                return rt.listener_service(i).cloned();
-            }
-            if let Some(s) = &*self.conn.cached.load()
-                && s.version == rt.version
-            {
-                return Some(s.clone());
-            }
-        }
-        // Once per connection and policy version: may wait for discovery's first answer.
-        let rt = self.shared.load_full();
-        let svc = self.shared.resolve(&rt, self.conn.target).await?;
-        self.conn.cached.store(Some(svc.clone()));
-        Some(svc)
-    }
-
     /// The request's service and route, its headers made ready for the next hop, and
     /// the stack below for the rest.
     async fn route(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
@@ -121,7 +124,7 @@ impl HttpProxy {
         if req.method() == http::Method::CONNECT && !self.conn.allow_connect {
             return ProxyError::ConnectNotAllowed.to_response(grpc);
         }
-        let Some(svc) = self.service().await else {
+        let Some(svc) = self.conn.service(&self.shared).await else {
             return ProxyError::UnknownService.to_response(grpc);
         };
         let (route, _) = svc.route_for(req.uri().path());
