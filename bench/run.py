@@ -25,8 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/ferry-target"))
 REL = os.path.join(TARGET, "release")
 UP = [19101, 19102]
-PORTS = {"ferry": 19110, "envoy": 19120, "bare": 19130, "direct": UP[0]}
+PORTS = {"ferry": 19110, "baseline": 19115, "envoy": 19120, "bare": 19130, "direct": UP[0]}
 FERRY_ADMIN = 19111
+BASELINE_ADMIN = 19116
 GRPC_BODY = bytes([0, 0, 0, 0, 6, 0x0A, 4]) + b"ping"
 
 
@@ -91,10 +92,10 @@ def envoy_config(port, upstreams):
     }
 
 
-def ferry_policy():
+def ferry_policy(port=PORTS["ferry"], admin=FERRY_ADMIN):
     eps = ", ".join(f'"127.0.0.1:{p}"' for p in UP)
-    return (f"admin: 127.0.0.1:{FERRY_ADMIN}\n"
-            f"listeners: [{{name: bench, bind: \"127.0.0.1:{PORTS['ferry']}\", service: up}}]\n"
+    return (f"admin: 127.0.0.1:{admin}\n"
+            f"listeners: [{{name: bench, bind: \"127.0.0.1:{port}\", service: up}}]\n"
             f"services: {{up: {{lb: round-robin, endpoints: [{eps}]}}}}\n")
 
 
@@ -130,6 +131,8 @@ def main():
     ap.add_argument("--slice", type=float, default=4)
     ap.add_argument("--rate", type=int, default=2000, help="requests/s for the latency run")
     ap.add_argument("--swap-storm", action="store_true", help="also measure ferry under policy swaps")
+    ap.add_argument("--baseline", metavar="FERRY",
+                    help="another ferry binary (bench/build-baseline.sh REV builds one) run beside this one")
     ap.add_argument("--tracing", action="store_true",
                     help="only compare ferry with tracing off, at 1%% and at 100%% sampling (needs rotel)")
     a = ap.parse_args()
@@ -163,12 +166,17 @@ def main():
         start("envoy", ["envoy", "-c", os.path.join(tmp, "envoy.json"), "--concurrency", "1",
                         "--log-level", "error"], "1")
         start("bare", [os.path.join(REL, "bare-forwarder"), str(PORTS["bare"])] + [f"127.0.0.1:{p}" for p in UP], "1")
+        if a.baseline:
+            with open(os.path.join(tmp, "baseline.yaml"), "w") as f:
+                f.write(ferry_policy(PORTS["baseline"], BASELINE_ADMIN))
+            start("baseline", [a.baseline, "proxy", "--config", os.path.join(tmp, "baseline.yaml"),
+                               "--workers", "1", "--log-level", "warn"], "1")
         time.sleep(2)
         for name, p in procs.items():
             if p.poll() is not None:
                 sys.exit(f"{name} exited early; see {tmp}/{name}.log")
 
-        targets = ["ferry", "envoy", "bare", "direct"]
+        targets = ["ferry", "envoy", "bare", "direct"] + (["baseline"] if a.baseline else [])
         results = {(t, c): {"cpu": [], "rps": [], "p50": [], "p99": [], "p999": [], "errors": 0}
                    for t in targets for c in CASES}
         for r in range(a.rounds):
@@ -191,7 +199,7 @@ def main():
                     res["errors"] += sat["errors"] + lat["errors"]
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 
-        rss = {t: peak_rss_kib(procs[t].pid) / 1024 for t in ["ferry", "envoy", "bare"]}
+        rss = {t: peak_rss_kib(procs[t].pid) / 1024 for t in procs if not t.startswith("up")}
         med = lambda xs: statistics.median(xs) if xs else float("nan")
         print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
               f"{open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].splitlines()[0].strip()}; "
@@ -208,10 +216,19 @@ def main():
         print("\n| case | CPU ferry/envoy | CPU ferry/bare | p99 ferry/envoy | p99 ferry/direct | RSS ferry/envoy |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for case in CASES:
-            f, e, b, d = (results[(t, case)] for t in targets)
+            f, e, b, d = (results[(t, case)] for t in targets[:4])
             print(f"| {case} | {med(f['cpu']) / med(e['cpu']):.2f} | {med(f['cpu']) / med(b['cpu']):.2f} "
                   f"| {med(f['p99']) / med(e['p99']):.2f} | {med(f['p99']) / med(d['p99']):.2f} "
                   f"| {rss['ferry'] / rss['envoy']:.2f} |")
+        if a.baseline:
+            # Per round, so drift between rounds cancels: the spread says how much to trust it.
+            print(f"\n| case | CPU ferry/baseline (median, min-max of rounds) | p99 ferry/baseline |")
+            print("| --- | ---: | ---: |")
+            for case in CASES:
+                f, o = results[("ferry", case)], results[("baseline", case)]
+                per = [x / y for x, y in zip(f["cpu"], o["cpu"])]
+                print(f"| {case} | {med(per):.3f} ({min(per):.3f}-{max(per):.3f}) "
+                      f"| {med(f['p99']) / med(o['p99']):.2f} |")
 
         if a.swap_storm:
             swap_storm(a, procs["ferry"].pid)

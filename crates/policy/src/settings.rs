@@ -677,6 +677,7 @@ mod tests {
     fn every_setting_is_documented() {
         let readme = include_str!("../../../README.md");
         let guide = include_str!("../../../docs/policy-file.md");
+        let openapi = include_str!("../../admin/openapi.yaml");
         for key in Overrides::KEYS {
             assert!(
                 readme.contains(&format!("`ferry.dev/{key}`")),
@@ -685,6 +686,10 @@ mod tests {
             assert!(
                 guide.contains(&format!("  {key}:")),
                 "docs/policy-file.md lacks {key}"
+            );
+            assert!(
+                openapi.contains(&format!("        {key}: {{description:")),
+                "crates/admin/openapi.yaml's Settings lacks {key}"
             );
         }
     }
