@@ -1,9 +1,6 @@
 //! What travels through the stack: a [`Call`] down, an [`Answer`] or a [`Failed`] up,
 //! each with the call's [`Ctx`].
 
-// The context moves down and back by value: a copy, rather than an allocation per call.
-#![allow(clippy::result_large_err)]
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -25,7 +22,9 @@ use crate::state::{ServiceRt, Shared};
 /// A request on its way down, with what the layers know of it.
 pub struct Call<B = ReqBody> {
     pub req: Request<B>,
-    pub ctx: Ctx,
+    /// Boxed: the context moves through every layer and back, a pointer rather than a
+    /// few hundred bytes each time.
+    pub ctx: Box<Ctx>,
 }
 
 /// What the layers know of a call: set going down, handed back coming up.
@@ -67,7 +66,7 @@ impl Ctx {
 /// An attempt the upstream answered.
 pub struct Answer {
     pub resp: Response<Incoming>,
-    pub ctx: Ctx,
+    pub ctx: Box<Ctx>,
     pub ep: Arc<Endpoint>,
     pub in_flight: InFlight,
 }
@@ -75,7 +74,7 @@ pub struct Answer {
 /// An attempt that got no answer, or a call refused before it had one.
 pub struct Failed {
     pub error: ProxyError,
-    pub ctx: Ctx,
+    pub ctx: Box<Ctx>,
 }
 
 pub type Attempt = Result<Answer, Failed>;

@@ -80,7 +80,7 @@ pin_project! {
         #[pin]
         timer: Option<Sleep>,
         timer_error: ProxyError,
-        attempt: Option<(Ctx, Arc<Endpoint>, InFlight)>,
+        attempt: Option<(Box<Ctx>, Arc<Endpoint>, InFlight)>,
         started: Instant,
     }
 }
@@ -108,7 +108,7 @@ where
 /// What the attempt teaches the endpoint and the concurrency limit.
 fn finish(
     res: Result<Response<Incoming>, ProxyError>,
-    mut ctx: Ctx,
+    mut ctx: Box<Ctx>,
     ep: Arc<Endpoint>,
     in_flight: InFlight,
     took: Duration,

@@ -18,9 +18,6 @@
 //! [`Failed`], each carrying the [`Ctx`] back so the layers above keep what they put
 //! in it (the span, the permit). Every service here is always ready.
 
-// The context moves down and back by value: a copy, rather than an allocation per call.
-#![allow(clippy::result_large_err)]
-
 pub mod balance;
 pub mod call;
 pub mod deadline;

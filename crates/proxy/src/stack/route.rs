@@ -160,7 +160,7 @@ impl HttpProxy {
         if svc.h2 && client_upgrade.is_none() && req.version() != Version::HTTP_2 {
             *req.version_mut() = Version::HTTP_2;
         }
-        let ctx = Ctx {
+        let ctx = Box::new(Ctx {
             shared: self.shared.clone(),
             svc,
             route,
@@ -178,7 +178,7 @@ impl HttpProxy {
             set: None,
             ep: None,
             avoid: None,
-        };
+        });
         let mut stack = self.stack.clone();
         match stack.call(Call { req, ctx }).await {
             Ok(resp) => resp,

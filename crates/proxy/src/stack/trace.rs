@@ -107,7 +107,7 @@ fn answered(a: Answer) -> Response<ProxyBody> {
         permit,
         set,
         ..
-    } = ctx;
+    } = *ctx;
     let settings = svc.route_settings(route);
     // Metrics and span are recorded when the body ends, with the gRPC status from
     // trailers; so is the endpoint's outcome, for outlier ejection.
