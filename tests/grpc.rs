@@ -278,3 +278,33 @@ async fn a_dead_endpoint_fails_no_grpc_call() {
         .into_inner();
     assert!(n.message.contains("c4"), "{n:?}");
 }
+
+/// An HTTP/2 server (h2, as in tonic and hyper) sends GOAWAY `ENHANCE_YOUR_CALM` after
+/// 100 empty DATA frames on a connection: ferry must end each request body on its last
+/// frame, or calls start failing after a hundred or so on a pooled connection.
+#[tokio::test]
+async fn hundreds_of_calls_share_one_upstream_connection_without_failing() {
+    // Two endpoints, so a failed connect could be retried and request bodies are kept
+    // for replay: the path where the body's end was missed.
+    let (a, b) = (grpc_upstream("g-a").await, grpc_upstream("g-b").await);
+    let f = Ferry::start(&policy(&[a, b], ""), &[], &[]);
+    let mut c = client(f.addr("grpc")).await;
+    let mut failed = Vec::new();
+    for i in 0..400 {
+        if let Err(s) = c.say(req(&format!("m{i}"))).await {
+            failed.push(format!("call {i}: {:?} {}", s.code(), s.message()));
+        }
+    }
+    for i in 0..60 {
+        let parts = futures::stream::iter((0..3).map(move |j| req(&format!("{i}.{j}"))));
+        if let Err(s) = c.collect(parts).await {
+            failed.push(format!("collect {i}: {:?} {}", s.code(), s.message()));
+        }
+    }
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    let metrics = f.metrics().await;
+    assert!(
+        !metrics.contains("upstream-reset"),
+        "no upstream resets expected:\n{metrics}"
+    );
+}

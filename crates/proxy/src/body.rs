@@ -134,15 +134,22 @@ impl Body for ReqBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let r = match &mut this.kind {
-            ReqKind::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            ReqKind::Replay(b) => Pin::new(b).poll_frame(cx),
-            ReqKind::Empty => Poll::Ready(None),
-        };
-        if let (Some(a), Poll::Ready(Some(Ok(_)))) = (&this.activity, &r) {
-            a.store(clock_ns(), Ordering::Relaxed);
+        loop {
+            let r = match &mut this.kind {
+                ReqKind::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+                ReqKind::Replay(b) => Pin::new(b).poll_frame(cx),
+                ReqKind::Empty => Poll::Ready(None),
+            };
+            if let Poll::Ready(Some(Ok(f))) = &r {
+                if let Some(a) = &this.activity {
+                    a.store(clock_ns(), Ordering::Relaxed);
+                }
+                if is_empty_data(f) {
+                    continue;
+                }
+            }
+            return r;
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -160,6 +167,13 @@ impl Body for ReqBody {
             ReqKind::Empty => SizeHint::with_exact(0),
         }
     }
+}
+
+/// An empty DATA frame carries nothing, and forwarded without END_STREAM it counts
+/// against the peer's flood limit (h2 sends GOAWAY `ENHANCE_YOUR_CALM` after 100 on a
+/// connection): bodies skip them, and the end of the stream goes on the last frame.
+fn is_empty_data(f: &Frame<Bytes>) -> bool {
+    f.data_ref().is_some_and(Bytes::is_empty)
 }
 
 /// Nanoseconds on a monotonic clock shared by both directions of a call.
@@ -327,7 +341,13 @@ impl Body for ProxyBody {
                     u.idle = None;
                     return u.cut(ProxyError::StreamIdle);
                 }
-                match Pin::new(&mut u.inner).poll_frame(cx) {
+                let polled = loop {
+                    match Pin::new(&mut u.inner).poll_frame(cx) {
+                        Poll::Ready(Some(Ok(f))) if is_empty_data(&f) => {}
+                        other => break other,
+                    }
+                };
+                match polled {
                     Poll::Ready(None) => {
                         u.done = true;
                         u.finish(None, None);

@@ -284,7 +284,7 @@ impl Body for ReplayBody {
                     if s.len > REPLAY_LIMIT {
                         s.overflow = true;
                         s.chunks = Vec::new();
-                    } else if !s.overflow {
+                    } else if !s.overflow && !d.is_empty() {
                         s.chunks.push(d.clone());
                         this.pos = s.chunks.len();
                     }
@@ -306,8 +306,21 @@ impl Body for ReplayBody {
         }
     }
 
+    /// Exact, so the last DATA frame carries END_STREAM rather than an empty frame after it.
     fn is_end_stream(&self) -> bool {
-        self.replay.unread.0
+        if self.replay.unread.0 {
+            return true;
+        }
+        let Ok(s) = self.replay.state.try_lock() else {
+            return false;
+        };
+        if s.current != self.attempt || self.pos < s.chunks.len() {
+            return false;
+        }
+        match &s.rest {
+            Some(rest) => rest.is_end_stream(),
+            None => self.trailers_sent || s.trailers.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {

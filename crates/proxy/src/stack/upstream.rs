@@ -43,5 +43,7 @@ impl tower::Service<Send> for Upstream {
 }
 
 fn classify(e: Error) -> ProxyError {
-    ProxyError::from_client(&e)
+    let error = ProxyError::from_client(&e);
+    tracing::debug!(error = ?e, reason = error.reason(), "upstream request failed");
+    error
 }
