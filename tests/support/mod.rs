@@ -248,12 +248,33 @@ impl Conn {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(u16, hyper::HeaderMap, String), String> {
+        self.request("GET", path, headers, Bytes::new()).await
+    }
+
+    /// POST `body` to `path`: the status and the body.
+    pub async fn post(&mut self, path: &str, body: &str) -> Result<(u16, String), String> {
+        let body = Bytes::copy_from_slice(body.as_bytes());
+        self.request("POST", path, &[], body)
+            .await
+            .map(|(s, _, b)| (s, b))
+    }
+
+    async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(u16, hyper::HeaderMap, String), String> {
         self.0.ready().await.map_err(|e| e.to_string())?;
-        let mut req = Request::builder().uri(path).header("host", "web");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "web");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req.body(Full::default()).unwrap();
+        let req = req.body(Full::new(body)).unwrap();
         let resp = self.0.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();

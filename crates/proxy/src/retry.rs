@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_policy::{RetryOn, Settings};
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -74,6 +74,15 @@ pub fn retryable(f: Failure, method: &Method, settings: &Settings, attempt: u32)
             on.status(s, g) || (idempotent(method) && (s == 503 || g == Some(14)))
         }
     }
+}
+
+/// Whether a request could be sent again after some of its body was read, so the body
+/// must be kept: an HTTP/2 stream can be refused after its first frames went out, and a
+/// written request is resent when the route allows it. Otherwise only a failed connect
+/// is retried, and that read none of the body.
+pub fn may_resend(version: Version, method: &Method, settings: &Settings) -> bool {
+    version == Version::HTTP_2
+        || (settings.retries > 0 && (!settings.retry_on.is_empty() || idempotent(method)))
 }
 
 /// RFC 9110 section 9.2.2.
@@ -186,6 +195,9 @@ pub struct Replay {
     /// The body's `is_end_stream` and `size_hint` before anything was read; every
     /// attempt's body is the whole body again, so they hold for every attempt.
     unread: (bool, SizeHint),
+    /// Keep what is read for a resend; otherwise the first attempt to read takes the
+    /// body and reads it without the lock.
+    keep: bool,
 }
 
 struct State {
@@ -202,7 +214,7 @@ struct State {
 }
 
 impl Replay {
-    pub fn new(body: Incoming) -> Arc<Replay> {
+    pub fn new(body: Incoming, keep: bool) -> Arc<Replay> {
         let unread = (body.is_end_stream(), body.size_hint());
         Arc::new(Replay {
             state: Mutex::new(State {
@@ -215,6 +227,7 @@ impl Replay {
                 current: 0,
             }),
             unread,
+            keep,
         })
     }
 
@@ -234,6 +247,7 @@ impl Replay {
             attempt: s.current,
             pos: 0,
             trailers_sent: false,
+            owned: None,
         }
     }
 }
@@ -243,6 +257,8 @@ pub struct ReplayBody {
     attempt: u32,
     pos: usize,
     trailers_sent: bool,
+    /// The body, taken whole when it is not kept.
+    owned: Option<Incoming>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,9 +274,22 @@ impl Body for ReplayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
+        if let Some(b) = &mut this.owned {
+            return Pin::new(b).poll_frame(cx).map_err(Into::into);
+        }
         let mut s = this.replay.state.lock().expect("replay poisoned");
         if s.current != this.attempt {
             return Poll::Ready(Some(Err(Superseded.into())));
+        }
+        if !this.replay.keep
+            && let Some(rest) = s.rest.take()
+        {
+            s.touched = true;
+            s.overflow = true;
+            drop(s);
+            return Pin::new(this.owned.insert(rest))
+                .poll_frame(cx)
+                .map_err(Into::into);
         }
         if this.pos < s.chunks.len() {
             this.pos += 1;
@@ -310,6 +339,9 @@ impl Body for ReplayBody {
     fn is_end_stream(&self) -> bool {
         if self.replay.unread.0 {
             return true;
+        }
+        if let Some(b) = &self.owned {
+            return b.is_end_stream();
         }
         let Ok(s) = self.replay.state.try_lock() else {
             return false;

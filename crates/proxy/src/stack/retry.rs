@@ -15,7 +15,7 @@ use super::call::{Answer, Attempt, Call, Ctx, Failed};
 use crate::balance::Outlier;
 use crate::body::{ReqBody, failed_call, grpc_status};
 use crate::errors::ProxyError;
-use crate::retry::{Failure, Replay, backoff, retryable};
+use crate::retry::{Failure, Replay, backoff, may_resend, retryable};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RetryLayer;
@@ -85,7 +85,7 @@ where
     let (body, replay) = if body.is_end_stream() {
         (ReqBody::direct(body), None)
     } else {
-        let r = Replay::new(body);
+        let r = Replay::new(body, may_resend(head.version, &head.method, ctx.settings()));
         (ReqBody::replay(r.attempt()), Some(r))
     };
     ctx.svc.retry_budget.deposit();
