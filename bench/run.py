@@ -287,13 +287,8 @@ def saturated(a, procs, targets, body):
         for case in CASES:
             for t in targets:
                 url = f"http://127.0.0.1:{PORTS[t]}/"
-                pid = procs[t].pid if t in procs else None
-                c0 = cpu_ns(pid) if pid else 0
-                sat = oha(url, case, a.slice, body=body if case == "grpc" else None)
-                c1 = cpu_ns(pid) if pid else 0
                 res = results[(t, case)]
-                if pid and sat["done"]:
-                    res["cpu"].append((c1 - c0) / 1e3 / sat["done"])
+                sat = timed(procs, t, res, lambda: oha(url, case, a.slice, body=body if case == "grpc" else None))
                 res["rps"].append(sat["rps"])
                 res["errors"] += sat["errors"]
         print(f"saturated: round {r + 1}/{a.rounds} done", file=sys.stderr)
@@ -315,6 +310,17 @@ def saturated(a, procs, targets, body):
         print("| --- | ---: |")
         for case in CASES:
             print(f"| {case} | {spread(results[('ferry', case)]['cpu'], results[('baseline', case)]['cpu'])} |")
+
+
+def timed(procs, t, out, run):
+    """Runs one oha slice against target `t`, adding its CPU µs per request to `out`."""
+    pid = procs[t].pid if t in procs else None
+    c0 = cpu_ns(pid) if pid else 0
+    res = run()
+    c1 = cpu_ns(pid) if pid else 0
+    if pid and res["done"]:
+        out["cpu"].append((c1 - c0) / 1e3 / res["done"])
+    return res
 
 
 def med(xs):
@@ -339,14 +345,9 @@ def moderate(a, procs, targets, body):
         for shape in shapes:
             case, rate, conns = shape
             for t in targets:
-                pid = procs[t].pid if t in procs else None
-                c0 = cpu_ns(pid) if pid else 0
-                res = oha(f"http://127.0.0.1:{PORTS[t]}/", case, a.slice, rate=rate,
-                          body=body if case == "grpc" else None, conns=conns)
-                c1 = cpu_ns(pid) if pid else 0
                 out = results[(t, shape)]
-                if pid and res["done"]:
-                    out["cpu"].append((c1 - c0) / 1e3 / res["done"])
+                res = timed(procs, t, out, lambda: oha(f"http://127.0.0.1:{PORTS[t]}/", case, a.slice, rate=rate,
+                                                       body=body if case == "grpc" else None, conns=conns))
                 for k in ["p50", "p99", "p999"]:
                     if res[k] is not None:
                         out[k].append(res[k] * 1e3)
