@@ -451,7 +451,7 @@ async fn start_ferry() -> Ferry {
     let t = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tcp = t.local_addr().unwrap();
     tokio::spawn(ferry_demo::serve_tcp_echo(t));
-    let (dead, dead2) = (closed_port(), closed_port());
+    let (dead, dead2) = (support::dead_addr(), support::dead_addr());
     let policy = format!(
         "admin: 127.0.0.1:0\nzone: a\nregion: r1\nlisteners:\n\
          \x20 - {{name: web, bind: \"127.0.0.1:0\", service: web}}\n\

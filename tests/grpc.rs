@@ -253,10 +253,7 @@ async fn a_grpc_status_in_trailers_counts_as_a_failure_in_both_directions() {
 #[tokio::test]
 async fn a_dead_endpoint_fails_no_grpc_call() {
     let live = grpc_upstream("g-live").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = support::dead_addr();
     let f = Ferry::start(&policy(&[dead, live], ""), &[], &[]);
     let mut c = client(f.addr("grpc")).await;
     for i in 0..20 {

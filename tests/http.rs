@@ -230,10 +230,7 @@ async fn bad_requests_are_refused_and_harm_no_one_else() {
 async fn timeouts_and_missing_endpoints_answer_with_the_proxys_reason() {
     let up = HttpUpstream::start("a").await.unwrap();
     // Nothing listens on a port we bound and closed.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = support::dead_addr();
     // A listener whose backlog is full and never accepts: connects hang.
     let hang = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     hang.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
@@ -326,10 +323,7 @@ async fn a_route_timeout_applies_to_its_route_only() {
 #[tokio::test]
 async fn retries_route_around_a_dead_endpoint() {
     let up = HttpUpstream::start("a").await.unwrap();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = support::dead_addr();
     let f = Ferry::start(&policy(&[up.addr, dead], "    retries: 2\n"), &[], &[]);
     let mut c = Conn::open(f.addr("web")).await.unwrap();
     // A POST is not resent once written, but a refused connect read none of its body,

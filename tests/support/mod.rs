@@ -197,6 +197,18 @@ impl Drop for Ferry {
     }
 }
 
+/// An address nothing answers on that nothing else can take while the test runs: a
+/// socket bound to it but not listening (connects are refused). A port that was bound and
+/// released can be handed to the next `bind(":0")`, such as one of ferry's own listeners,
+/// and a service pointed at its own listener loops until it runs out of descriptors.
+pub fn dead_addr() -> SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
+    addr
+}
+
 /// One HTTP/1.1 request on a new connection.
 pub async fn raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
