@@ -43,7 +43,7 @@ async fn a_hundred_policy_changes_under_load_drop_no_request() {
     let all: Vec<_> = ups.iter().map(|u| u.addr).collect();
     let f = Ferry::start(
         &policy("round-robin", "2s", &all),
-        &["--watch-interval", "50ms"],
+        &["--watch-files", "poll", "--watch-interval", "50ms"],
         &[],
     );
     let web = f.addr("web");
@@ -219,7 +219,8 @@ async fn annotations_reach_the_running_sidecar_and_a_bad_one_is_refused() {
     let ann_file = ann.join("annotations").display().to_string();
     let f = Ferry::start_in(
         dir,
-        &["--annotations", &ann_file, "--watch-interval", "50ms"],
+        // No timed re-read during the test: the kubelet's swap is seen by inotify.
+        &["--annotations", &ann_file, "--watch-interval", "1h"],
         &[],
     );
     assert_eq!(web_state(&f).await.0, "round-robin");
@@ -301,7 +302,7 @@ async fn sighup_reloads_at_once() {
     // A watch interval far longer than the test: only SIGHUP can trigger the reload.
     let f = Ferry::start(
         &policy("round-robin", "2s", &[a.addr]),
-        &["--watch-interval", "1h"],
+        &["--watch-files", "poll", "--watch-interval", "1h"],
         &[],
     );
     std::fs::write(

@@ -112,6 +112,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         log_level: "warn".into(),
         log_json: false,
         admin_token_file: None,
+        watch_files: crate::proxy::WatchFiles::Inotify,
         watch_interval: Duration::from_secs(1),
         dns_refresh: Duration::from_secs(5),
         controller: None,

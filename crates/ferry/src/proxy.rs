@@ -53,9 +53,20 @@ pub struct ProxyArgs {
     /// A destination no new connection asked for in this long is unsubscribed.
     #[arg(long, env = "FERRY_DISCOVERY_IDLE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub discovery_idle: Duration,
-    /// How often the policy and annotations files are checked for changes.
+    /// How the policy and annotations files are watched: `inotify`, re-read when their
+    /// directory changes (the kubelet's symlink swap included), or `poll`, re-read every
+    /// `--watch-interval`. Without inotify (or its watches), ferry polls.
+    #[arg(long, value_enum, default_value = "inotify")]
+    pub watch_files: WatchFiles,
+    /// How often the files are re-read when polled.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub watch_interval: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WatchFiles {
+    Inotify,
+    Poll,
 }
 
 const POD_ANNOTATIONS: &str = contract::ANNOTATIONS_FILE;
@@ -125,6 +136,28 @@ impl Sources {
             parts.push(format!("annotations {}", a.display()));
         }
         parts.join(" + ")
+    }
+
+    /// Events in the directories of the files: written and closed, created, moved in
+    /// or out (an atomic replace, the kubelet's `..data` swap), deleted.
+    fn inotify(&self) -> std::io::Result<inotify::EventStream<[u8; 1024]>> {
+        use inotify::{Inotify, WatchMask};
+        let inotify = Inotify::init()?;
+        let mask = WatchMask::CLOSE_WRITE
+            | WatchMask::CREATE
+            | WatchMask::MOVED_TO
+            | WatchMask::MOVED_FROM
+            | WatchMask::DELETE;
+        for path in [&self.config, &self.annotations].into_iter().flatten() {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            inotify.watches().add(dir, mask).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("watching {}: {e}", dir.display()))
+            })?;
+        }
+        inotify.into_event_stream([0u8; 1024])
     }
 
     /// The raw bytes of every source, to tell whether anything changed.
@@ -266,6 +299,7 @@ pub async fn run(
     tokio::spawn(watch_sources(
         sources,
         control.clone(),
+        args.watch_files,
         args.watch_interval,
         signals.hup,
         drain_rx.clone(),
@@ -314,19 +348,42 @@ async fn wait_for_signals(mut term: Signal, mut int: Signal, drain: Arc<watch::S
     drain.send_replace(true);
 }
 
-/// Polls the sources rather than using inotify: the kubelet updates the downward API
-/// by swapping a symlink, which file watches on the path itself miss.
+/// Re-reads the sources when their directories change (or every `every`, when polled),
+/// and at SIGHUP; reloads when their bytes changed.
 async fn watch_sources(
     sources: Sources,
     control: Arc<Control>,
+    mode: WatchFiles,
     every: Duration,
     mut hup: Signal,
     mut drain: watch::Receiver<bool>,
 ) {
+    use futures::StreamExt;
+    let mut events = match mode {
+        WatchFiles::Poll => None,
+        WatchFiles::Inotify => match sources.inotify() {
+            Ok(events) => Some(events),
+            Err(error) => {
+                tracing::warn!(%error, ?every, "cannot watch the policy files; polling them");
+                None
+            }
+        },
+    };
     let mut last = sources.snapshot();
     loop {
         let forced = tokio::select! {
-            _ = tokio::time::sleep(every) => false,
+            _ = tokio::time::sleep(every), if events.is_none() => false,
+            e = async { events.as_mut()?.next().await }, if events.is_some() => {
+                match e {
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, ?every, "watching the policy files failed; polling them");
+                        events = None;
+                    }
+                    None => events = None,
+                }
+                false
+            }
             Some(_) = hup.recv() => true,
             _ = drain.wait_for(|v| *v) => return,
         };

@@ -16,7 +16,7 @@ use tokio::time::Sleep;
 use ferry_telemetry::ActiveSpan;
 
 use crate::balance::{Endpoint, EndpointSet, InFlight, Outlier};
-use crate::errors::ProxyError;
+use crate::errors::{GRPC_STATUS, ProxyError};
 use crate::limit::Permit;
 use crate::metrics::RouteMetrics;
 use crate::retry::ReplayBody;
@@ -78,7 +78,7 @@ pub fn failed_call(status: u16, grpc: Option<u8>) -> bool {
 
 /// `grpc-status` of headers or trailers.
 pub fn grpc_status(h: &HeaderMap) -> Option<u8> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+    h.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 pub use crate::errors::BoxError;

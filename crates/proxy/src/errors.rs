@@ -2,7 +2,10 @@
 //! trailers. The lowest module of the crate: it imports none of the others.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
+
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -89,9 +92,9 @@ impl ProxyError {
     /// reason, as trailers (or as the headers of a trailers-only response).
     pub fn grpc_trailers(self) -> HeaderMap {
         let mut h = HeaderMap::with_capacity(4);
-        h.insert("grpc-status", HeaderValue::from(self.grpc_status() as u16));
+        h.insert(GRPC_STATUS, HeaderValue::from(self.grpc_status() as u16));
         h.insert(
-            "grpc-message",
+            GRPC_MESSAGE,
             HeaderValue::from_str(&format!("ferry: {self}").replace(' ', "%20")).expect("ascii"),
         );
         h.insert(FERRY_ERROR, HeaderValue::from_static(self.reason()));

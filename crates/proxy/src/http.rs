@@ -66,7 +66,7 @@ pub fn is_grpc(h: &HeaderMap) -> bool {
 /// The earlier of the policy's timeout and the client's own `grpc-timeout`.
 pub fn deadline(timeout: Option<Duration>, h: &HeaderMap, start: Instant) -> Option<Instant> {
     let grpc = h
-        .get("grpc-timeout")
+        .get(GRPC_TIMEOUT)
         .and_then(|v| parse_grpc_timeout(v.as_bytes()));
     match (timeout, grpc) {
         (Some(a), Some(b)) => Some(start + a.min(b)),
@@ -74,6 +74,8 @@ pub fn deadline(timeout: Option<Duration>, h: &HeaderMap, start: Instant) -> Opt
         (None, None) => None,
     }
 }
+
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
@@ -101,7 +103,7 @@ pub fn set_grpc_timeout(h: &mut HeaderMap, left: Duration) {
     } else {
         format!("{}m", left.as_millis().min(99_999_999))
     };
-    h.insert("grpc-timeout", HeaderValue::from_str(&v).expect("digits"));
+    h.insert(GRPC_TIMEOUT, HeaderValue::from_str(&v).expect("digits"));
 }
 
 /// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
@@ -114,6 +116,18 @@ static HOP_BY_HOP: [HeaderName; 5] = [
 ];
 
 pub fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
+    // One pass over the names first: most messages carry none of these, and a miss by
+    // name is cheaper than a hashed lookup for each.
+    let any = h.keys().any(|k| {
+        *k == header::CONNECTION
+            || *k == header::TRANSFER_ENCODING
+            || *k == header::UPGRADE
+            || *k == header::TE
+            || matches!(k.as_str(), "keep-alive" | "proxy-connection")
+    });
+    if !any {
+        return;
+    }
     if let Some(conn) = h.get(header::CONNECTION).cloned()
         && let Ok(list) = conn.to_str()
     {

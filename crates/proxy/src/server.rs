@@ -4,6 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use ferry_policy::{ListenerKind, Policy};
@@ -239,7 +240,8 @@ async fn serve_conn(
                 .keep_alive(true)
                 .serve_connection(io, svc)
                 .with_upgrades();
-            until_done(conn, &mut drain, std::future::pending(), |c| {
+            let never = || false;
+            until_done(conn, &mut drain, std::future::pending(), never, |c| {
                 c.graceful_shutdown()
             })
             .await?;
@@ -258,7 +260,8 @@ async fn serve_conn(
                 ctx.too_many_cancels.notified().await;
                 tracing::debug!(%peer, "too many cancelled streams; sending GOAWAY");
             };
-            until_done(conn, &mut drain, flood, |c| c.graceful_shutdown()).await?;
+            let flooded = || ctx.flooded();
+            until_done(conn, &mut drain, flood, flooded, |c| c.graceful_shutdown()).await?;
         }
     }
     Ok(())
@@ -266,24 +269,46 @@ async fn serve_conn(
 
 /// Runs an HTTP connection to its end; once draining starts or `stop` completes, asks
 /// it to finish gracefully (HTTP/1: after the request in flight; HTTP/2: GOAWAY) and
-/// waits.
+/// waits. `stopped` says, without waiting, whether `stop` may have completed.
 async fn until_done<C>(
     conn: C,
     drain: &mut Drain,
     stop: impl Future<Output = ()>,
+    stopped: impl Fn() -> bool,
     shutdown: impl FnOnce(Pin<&mut C>),
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
 {
+    let probe = drain.clone();
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        _ = drained(drain) => {
-            shutdown(conn.as_mut());
-            conn.await
+    let signal = async {
+        tokio::select! {
+            _ = drained(drain) => {}
+            _ = stop => {}
         }
-        _ = stop => {
+    };
+    tokio::pin!(signal);
+    // The signals are polled once, to register this task's waker, and again only once
+    // one has fired: a tokio `Notify` polled while it waits takes its waiters' lock,
+    // and this task wakes for every read and write of the connection.
+    let mut armed = false;
+    let done = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if (!armed || probe.has_changed().unwrap_or(true) || stopped())
+            && signal.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        armed = true;
+        Poll::Pending
+    })
+    .await;
+    match done {
+        Some(r) => r,
+        None => {
             shutdown(conn.as_mut());
             conn.await
         }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use ferry_policy::Formats;
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, Method};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
@@ -206,13 +206,14 @@ impl Tracer {
             peer,
             route,
         } = call;
-        if !headers.contains_key("x-request-id") {
-            headers.insert("x-request-id", request_id());
+        let present = propagation::Present::scan(headers);
+        if !present.request_id() {
+            headers.insert(propagation::X_REQUEST_ID, propagation::request_id());
         }
         if formats.is_empty() && self.0.queue.is_none() {
             return ActiveSpan(None);
         }
-        let parent = propagation::extract(headers);
+        let parent = propagation::extract_present(headers, present);
         let trace_id = parent
             .map(|p| p.trace_id)
             .unwrap_or_else(|| fastrand::u128(1..));
@@ -225,7 +226,15 @@ impl Tracer {
         let span_id = fastrand::u64(1..);
         let parent_span = parent.map(|p| p.span_id);
         if !formats.is_empty() {
-            propagation::inject(headers, formats, trace_id, span_id, parent_span, sampled);
+            propagation::inject_present(
+                headers,
+                present,
+                formats,
+                trace_id,
+                span_id,
+                parent_span,
+                sampled,
+            );
         }
         if !sampled || self.0.queue.is_none() {
             return ActiveSpan(None);
@@ -279,10 +288,6 @@ fn ratio_sampled(trace_id: u128, ratio: f64) -> bool {
         return false;
     }
     ((trace_id as u64) >> 1) < (ratio * (u64::MAX >> 1) as f64) as u64
-}
-
-fn request_id() -> HeaderValue {
-    HeaderValue::try_from(format!("{:032x}", fastrand::u128(..))).expect("hex")
 }
 
 fn scope() -> InstrumentationScope {
@@ -453,6 +458,7 @@ impl ActiveSpan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn call(kind: Kind) -> Call<'static> {
         Call {

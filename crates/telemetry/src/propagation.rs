@@ -94,16 +94,69 @@ fn get<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The trace headers a request carries, found in one pass over its header names: on the
+/// usual request, which has few of them, that is cheaper than a hashed lookup per name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Present(u16);
+
+impl Present {
+    const TRACEPARENT: u16 = 1;
+    const TRACESTATE: u16 = 1 << 1;
+    const B3: u16 = 1 << 2;
+    const B3_MULTI: u16 = 1 << 3;
+    const JAEGER: u16 = 1 << 4;
+    const REQUEST_ID: u16 = 1 << 5;
+    /// Every header [`inject`] rewrites or removes.
+    const FOREIGN: u16 = Self::B3 | Self::B3_MULTI | Self::JAEGER;
+
+    pub fn scan(h: &HeaderMap) -> Present {
+        let mut p = 0;
+        for k in h.keys() {
+            p |= match k.as_str() {
+                "traceparent" => Self::TRACEPARENT,
+                "tracestate" => Self::TRACESTATE,
+                "b3" => Self::B3,
+                "x-b3-traceid" | "x-b3-spanid" | "x-b3-parentspanid" | "x-b3-sampled"
+                | "x-b3-flags" => Self::B3_MULTI,
+                "uber-trace-id" => Self::JAEGER,
+                "x-request-id" => Self::REQUEST_ID,
+                _ => 0,
+            };
+        }
+        Present(p)
+    }
+
+    fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+
+    pub fn request_id(self) -> bool {
+        self.has(Self::REQUEST_ID)
+    }
+}
+
 /// The parent a request carries, in whichever format it uses (W3C first). Malformed
 /// headers are ignored: the request starts a new trace.
 pub fn extract(h: &HeaderMap) -> Option<Parent> {
-    if let Some(p) = get(h, &TRACEPARENT).and_then(w3c) {
+    extract_present(h, Present::scan(h))
+}
+
+/// [`extract`], reading only the headers `present` says are there.
+pub fn extract_present(h: &HeaderMap, present: Present) -> Option<Parent> {
+    if present.has(Present::TRACEPARENT)
+        && let Some(p) = get(h, &TRACEPARENT).and_then(w3c)
+    {
         return Some(p);
     }
-    if let Some(p) = get(h, &B3).and_then(b3_single) {
+    if present.has(Present::B3)
+        && let Some(p) = get(h, &B3).and_then(b3_single)
+    {
         return Some(p);
     }
-    if let (Some(t), Some(s)) = (get(h, &B3_TRACE), get(h, &B3_SPAN))
+    if present.has(Present::B3_MULTI)
+        && let (Some(t), Some(s)) = (get(h, &B3_TRACE), get(h, &B3_SPAN))
         && let (Some(trace_id), Some(span_id)) = (hex_u128(t), hex_u64(s))
     {
         let sampled = match get(h, &B3_FLAGS) {
@@ -116,11 +169,52 @@ pub fn extract(h: &HeaderMap) -> Option<Parent> {
             sampled,
         });
     }
-    get(h, &JAEGER).and_then(jaeger)
+    if present.has(Present::JAEGER) {
+        return get(h, &JAEGER).and_then(jaeger);
+    }
+    None
 }
 
-fn value(s: String) -> HeaderValue {
-    HeaderValue::try_from(s).expect("hex digits and dashes are a valid header value")
+const DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `v` as lowercase hex, zero-padded to fill `out`.
+fn hex(out: &mut [u8], mut v: u128) {
+    for b in out.iter_mut().rev() {
+        *b = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
+/// A header value of hex fields joined by `sep`: `(value, digits)` each, then `tail`.
+/// Written into a stack buffer (no formatting machinery): this runs on every request.
+fn hex_value(fields: &[(u128, usize)], sep: u8, tail: &[u8]) -> HeaderValue {
+    let mut buf = [0u8; 96];
+    let mut n = 0;
+    for (i, &(v, digits)) in fields.iter().enumerate() {
+        if i > 0 {
+            buf[n] = sep;
+            n += 1;
+        }
+        hex(&mut buf[n..n + digits], v);
+        n += digits;
+    }
+    buf[n..n + tail.len()].copy_from_slice(tail);
+    n += tail.len();
+    unique(&buf[..n])
+}
+
+/// A value no other request carries. Marked sensitive so HTTP/2 sends it as a literal
+/// never indexed: in the HPACK tables of both ends it would only evict entries that do
+/// repeat (`:path`, `content-type`), at a cost to encode.
+fn unique(v: &[u8]) -> HeaderValue {
+    let mut v = HeaderValue::from_bytes(v).expect("hex digits and separators");
+    v.set_sensitive(true);
+    v
+}
+
+/// A new random 128-bit request id, as 32 hex digits.
+pub fn request_id() -> HeaderValue {
+    hex_value(&[(fastrand::u128(..), 32)], b'-', b"")
 }
 
 /// Rewrites `h` for the next hop: every known trace header removed, then each format of
@@ -133,57 +227,82 @@ pub fn inject(
     parent: Option<u64>,
     sampled: bool,
 ) {
-    for name in [
-        &B3,
-        &B3_TRACE,
-        &B3_SPAN,
-        &B3_PARENT,
-        &B3_SAMPLED,
-        &B3_FLAGS,
-        &JAEGER,
-    ] {
-        if h.contains_key(name) {
+    inject_present(
+        h,
+        Present::scan(h),
+        formats,
+        trace_id,
+        span_id,
+        parent,
+        sampled,
+    )
+}
+
+/// [`inject`], removing only the headers `present` says are there.
+pub fn inject_present(
+    h: &mut HeaderMap,
+    present: Present,
+    formats: Formats,
+    trace_id: u128,
+    span_id: u64,
+    parent: Option<u64>,
+    sampled: bool,
+) {
+    if present.has(Present::FOREIGN) {
+        for name in [
+            &B3,
+            &B3_TRACE,
+            &B3_SPAN,
+            &B3_PARENT,
+            &B3_SAMPLED,
+            &B3_FLAGS,
+            &JAEGER,
+        ] {
             h.remove(name);
         }
     }
+    let (t, s) = ((trace_id, 32), (span_id as u128, 16));
     if formats.contains(Formats::W3C) {
-        let flags = if sampled { "01" } else { "00" };
-        h.insert(
-            TRACEPARENT,
-            value(format!("00-{trace_id:032x}-{span_id:016x}-{flags}")),
-        );
-    } else {
+        let mut v = [0u8; 55];
+        v[..3].copy_from_slice(b"00-");
+        hex(&mut v[3..35], trace_id);
+        v[35] = b'-';
+        hex(&mut v[36..52], span_id as u128);
+        v[52..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
+        h.insert(TRACEPARENT, unique(&v));
+    } else if present.has(Present::TRACEPARENT | Present::TRACESTATE) {
         h.remove(&TRACEPARENT);
         h.remove(&TRACESTATE);
     }
     if formats.contains(Formats::B3) {
-        let s = if sampled { '1' } else { '0' };
+        let s_flag: &[u8] = if sampled { b"-1" } else { b"-0" };
         let v = match parent {
-            Some(p) => format!("{trace_id:032x}-{span_id:016x}-{s}-{p:016x}"),
-            None => format!("{trace_id:032x}-{span_id:016x}-{s}"),
+            Some(p) => {
+                let mut tail = [0u8; 19];
+                tail[..2].copy_from_slice(s_flag);
+                tail[2] = b'-';
+                hex(&mut tail[3..], p as u128);
+                hex_value(&[t, s], b'-', &tail)
+            }
+            None => hex_value(&[t, s], b'-', s_flag),
         };
-        h.insert(B3, value(v));
+        h.insert(B3, v);
     }
     if formats.contains(Formats::B3_MULTI) {
-        h.insert(B3_TRACE, value(format!("{trace_id:032x}")));
-        h.insert(B3_SPAN, value(format!("{span_id:016x}")));
+        h.insert(B3_TRACE, hex_value(&[t], b'-', b""));
+        h.insert(B3_SPAN, hex_value(&[s], b'-', b""));
         h.insert(
             B3_SAMPLED,
             HeaderValue::from_static(if sampled { "1" } else { "0" }),
         );
         if let Some(p) = parent {
-            h.insert(B3_PARENT, value(format!("{p:016x}")));
+            h.insert(B3_PARENT, hex_value(&[(p as u128, 16)], b'-', b""));
         }
     }
     if formats.contains(Formats::JAEGER) {
-        let flags = if sampled { 1 } else { 0 };
-        h.insert(
-            JAEGER,
-            value(format!(
-                "{trace_id:032x}:{span_id:016x}:{:016x}:{flags}",
-                parent.unwrap_or(0)
-            )),
-        );
+        let p = (parent.unwrap_or(0) as u128, 16);
+        let flags: &[u8] = if sampled { b":1" } else { b":0" };
+        h.insert(JAEGER, hex_value(&[t, s, p], b':', flags));
     }
 }
 
@@ -264,6 +383,16 @@ mod tests {
                 .trace_id,
             0xa3ce929d0e0e4736
         );
+    }
+
+    #[test]
+    fn hex_fields_match_the_formatter() {
+        for _ in 0..1000 {
+            let (t, s) = (fastrand::u128(..), fastrand::u64(..));
+            let v = hex_value(&[(t, 32), (s as u128, 16)], b':', b":1");
+            assert_eq!(v, format!("{t:032x}:{s:016x}:1").as_str());
+        }
+        assert_eq!(request_id().len(), 32);
     }
 
     #[test]

@@ -54,8 +54,8 @@ struct OnCancel<'a>(Option<&'a ConnCtx>);
 impl Drop for OnCancel<'_> {
     fn drop(&mut self) {
         if let Some(c) = self.0.take() {
-            let n = c.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
-            if n >= MAX_CANCELLED && n * 2 > c.requests.load(Ordering::Relaxed) {
+            c.cancelled.fetch_add(1, Ordering::Relaxed);
+            if c.flooded() {
                 c.too_many_cancels.notify_one();
             }
         }
@@ -75,6 +75,12 @@ impl ConnCtx {
             cancelled: AtomicU32::new(0),
             too_many_cancels: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Whether cancelled requests are most of this connection's, and too many.
+    pub fn flooded(&self) -> bool {
+        let n = self.cancelled.load(Ordering::Relaxed);
+        n >= MAX_CANCELLED && n * 2 > self.requests.load(Ordering::Relaxed)
     }
 
     /// The service this connection's requests go to, for HTTP and opaque TCP alike:
