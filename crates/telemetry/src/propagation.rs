@@ -1,6 +1,7 @@
 //! Trace-context header codecs: W3C `traceparent`, B3 (single and multi) and Jaeger
 //! `uber-trace-id`. Small and allocation-light, since they run on every request.
 
+use bytes::Bytes;
 use ferry_policy::Formats;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -206,10 +207,29 @@ fn hex_value(fields: &[(u128, usize)], sep: u8, tail: &[u8]) -> HeaderValue {
 /// A value no other request carries. Marked sensitive so HTTP/2 sends it as a literal
 /// never indexed: in the HPACK tables of both ends it would only evict entries that do
 /// repeat (`:path`, `content-type`), at a cost to encode.
+/// Held by an `Owned` [`Bytes`], a clone of the value (the retry layer keeps a copy of
+/// the request's headers) is a reference count rather than a second allocation.
 fn unique(v: &[u8]) -> HeaderValue {
-    let mut v = HeaderValue::from_bytes(v).expect("hex digits and separators");
+    let mut owned = Hex {
+        buf: [0; 96],
+        len: v.len(),
+    };
+    owned.buf[..v.len()].copy_from_slice(v);
+    let mut v = HeaderValue::from_maybe_shared(Bytes::from_owner(owned))
+        .expect("hex digits and separators");
     v.set_sensitive(true);
     v
+}
+
+struct Hex {
+    buf: [u8; 96],
+    len: usize,
+}
+
+impl AsRef<[u8]> for Hex {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 /// A new random 128-bit request id, as 32 hex digits.
