@@ -118,13 +118,7 @@ static HOP_BY_HOP: [HeaderName; 5] = [
 pub fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
     // One pass over the names first: most messages carry none of these, and a miss by
     // name is cheaper than a hashed lookup for each.
-    let any = h.keys().any(|k| {
-        *k == header::CONNECTION
-            || *k == header::TRANSFER_ENCODING
-            || *k == header::UPGRADE
-            || *k == header::TE
-            || matches!(k.as_str(), "keep-alive" | "proxy-connection")
-    });
+    let any = h.keys().any(|k| *k == header::TE || HOP_BY_HOP.contains(k));
     if !any {
         return;
     }

@@ -178,52 +178,48 @@ pub fn extract_present(h: &HeaderMap, present: Present) -> Option<Parent> {
 
 const DIGITS: &[u8; 16] = b"0123456789abcdef";
 
-/// Writes `v` as lowercase hex, zero-padded to fill `out`.
-fn hex(out: &mut [u8], mut v: u128) {
-    for b in out.iter_mut().rev() {
-        *b = DIGITS[(v & 0xf) as usize];
-        v >>= 4;
-    }
-}
-
-/// A header value of hex fields joined by `sep`: `(value, digits)` each, then `tail`.
-/// Written into a stack buffer (no formatting machinery): this runs on every request.
-fn hex_value(fields: &[(u128, usize)], sep: u8, tail: &[u8]) -> HeaderValue {
-    let mut buf = [0u8; 96];
-    let mut n = 0;
-    for (i, &(v, digits)) in fields.iter().enumerate() {
-        if i > 0 {
-            buf[n] = sep;
-            n += 1;
-        }
-        hex(&mut buf[n..n + digits], v);
-        n += digits;
-    }
-    buf[n..n + tail.len()].copy_from_slice(tail);
-    n += tail.len();
-    unique(&buf[..n])
-}
-
-/// A value no other request carries. Marked sensitive so HTTP/2 sends it as a literal
-/// never indexed: in the HPACK tables of both ends it would only evict entries that do
-/// repeat (`:path`, `content-type`), at a cost to encode.
-/// Held by an `Owned` [`Bytes`], a clone of the value (the retry layer keeps a copy of
-/// the request's headers) is a reference count rather than a second allocation.
-fn unique(v: &[u8]) -> HeaderValue {
-    let mut owned = Hex {
-        buf: [0; 96],
-        len: v.len(),
-    };
-    owned.buf[..v.len()].copy_from_slice(v);
-    let mut v = HeaderValue::from_maybe_shared(Bytes::from_owner(owned))
-        .expect("hex digits and separators");
-    v.set_sensitive(true);
-    v
-}
-
+/// A header value of hex fields, written into a fixed buffer (no formatting machinery:
+/// this runs on every request) that the value's [`Bytes`] then owns, so a clone of it
+/// (the retry layer keeps a copy of the request's headers) is a reference count.
 struct Hex {
     buf: [u8; 96],
     len: usize,
+}
+
+impl Hex {
+    fn new() -> Hex {
+        Hex {
+            buf: [0; 96],
+            len: 0,
+        }
+    }
+
+    fn text(&mut self, t: &[u8]) -> &mut Hex {
+        self.buf[self.len..self.len + t.len()].copy_from_slice(t);
+        self.len += t.len();
+        self
+    }
+
+    /// `v` as lowercase hex, zero-padded to `digits`.
+    fn hex(&mut self, mut v: u128, digits: usize) -> &mut Hex {
+        for b in self.buf[self.len..self.len + digits].iter_mut().rev() {
+            *b = DIGITS[(v & 0xf) as usize];
+            v >>= 4;
+        }
+        self.len += digits;
+        self
+    }
+
+    /// Marked sensitive: no other request carries this value, so HTTP/2 sends it as a
+    /// literal never indexed; in the HPACK tables of both ends it would only evict
+    /// entries that do repeat (`:path`, `content-type`).
+    fn value(&mut self) -> HeaderValue {
+        let owned = std::mem::replace(self, Hex::new());
+        let mut v = HeaderValue::from_maybe_shared(Bytes::from_owner(owned))
+            .expect("hex digits and separators");
+        v.set_sensitive(true);
+        v
+    }
 }
 
 impl AsRef<[u8]> for Hex {
@@ -234,7 +230,7 @@ impl AsRef<[u8]> for Hex {
 
 /// A new random 128-bit request id, as 32 hex digits.
 pub fn request_id() -> HeaderValue {
-    hex_value(&[(fastrand::u128(..), 32)], b'-', b"")
+    Hex::new().hex(fastrand::u128(..), 32).value()
 }
 
 /// Rewrites `h` for the next hop: every known trace header removed, then each format of
@@ -281,48 +277,54 @@ pub fn inject_present(
             h.remove(name);
         }
     }
-    let (t, s) = ((trace_id, 32), (span_id as u128, 16));
+    let (span, sampled_flag) = (span_id as u128, if sampled { b"1" } else { b"0" });
     if formats.contains(Formats::W3C) {
-        let mut v = [0u8; 55];
-        v[..3].copy_from_slice(b"00-");
-        hex(&mut v[3..35], trace_id);
-        v[35] = b'-';
-        hex(&mut v[36..52], span_id as u128);
-        v[52..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
-        h.insert(TRACEPARENT, unique(&v));
+        let v = Hex::new()
+            .text(b"00-")
+            .hex(trace_id, 32)
+            .text(b"-")
+            .hex(span, 16)
+            .text(if sampled { b"-01" } else { b"-00" })
+            .value();
+        h.insert(TRACEPARENT, v);
     } else if present.has(Present::TRACEPARENT | Present::TRACESTATE) {
         h.remove(&TRACEPARENT);
         h.remove(&TRACESTATE);
     }
     if formats.contains(Formats::B3) {
-        let s_flag: &[u8] = if sampled { b"-1" } else { b"-0" };
-        let v = match parent {
-            Some(p) => {
-                let mut tail = [0u8; 19];
-                tail[..2].copy_from_slice(s_flag);
-                tail[2] = b'-';
-                hex(&mut tail[3..], p as u128);
-                hex_value(&[t, s], b'-', &tail)
-            }
-            None => hex_value(&[t, s], b'-', s_flag),
-        };
-        h.insert(B3, v);
+        let mut v = Hex::new();
+        v.hex(trace_id, 32)
+            .text(b"-")
+            .hex(span, 16)
+            .text(b"-")
+            .text(sampled_flag);
+        if let Some(p) = parent {
+            v.text(b"-").hex(p as u128, 16);
+        }
+        h.insert(B3, v.value());
     }
     if formats.contains(Formats::B3_MULTI) {
-        h.insert(B3_TRACE, hex_value(&[t], b'-', b""));
-        h.insert(B3_SPAN, hex_value(&[s], b'-', b""));
+        h.insert(B3_TRACE, Hex::new().hex(trace_id, 32).value());
+        h.insert(B3_SPAN, Hex::new().hex(span, 16).value());
         h.insert(
             B3_SAMPLED,
             HeaderValue::from_static(if sampled { "1" } else { "0" }),
         );
         if let Some(p) = parent {
-            h.insert(B3_PARENT, hex_value(&[(p as u128, 16)], b'-', b""));
+            h.insert(B3_PARENT, Hex::new().hex(p as u128, 16).value());
         }
     }
     if formats.contains(Formats::JAEGER) {
-        let p = (parent.unwrap_or(0) as u128, 16);
-        let flags: &[u8] = if sampled { b":1" } else { b":0" };
-        h.insert(JAEGER, hex_value(&[t, s, p], b':', flags));
+        let v = Hex::new()
+            .hex(trace_id, 32)
+            .text(b":")
+            .hex(span, 16)
+            .text(b":")
+            .hex(parent.unwrap_or(0) as u128, 16)
+            .text(b":")
+            .text(sampled_flag)
+            .value();
+        h.insert(JAEGER, v);
     }
 }
 
@@ -409,7 +411,12 @@ mod tests {
     fn hex_fields_match_the_formatter() {
         for _ in 0..1000 {
             let (t, s) = (fastrand::u128(..), fastrand::u64(..));
-            let v = hex_value(&[(t, 32), (s as u128, 16)], b':', b":1");
+            let v = Hex::new()
+                .hex(t, 32)
+                .text(b":")
+                .hex(s as u128, 16)
+                .text(b":1")
+                .value();
             assert_eq!(v, format!("{t:032x}:{s:016x}:1").as_str());
         }
         assert_eq!(request_id().len(), 32);
