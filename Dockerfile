@@ -3,6 +3,10 @@
 # container runs it as root).
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
+# make builds jemalloc (tikv-jemalloc-sys), ferry's allocator.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cargo build --release --locked -p ferry -p ferry-injector -p ferry-controller \
  && cp target/release/ferry target/release/ferry-injector target/release/ferry-controller /usr/local/bin/

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use ferry_demo::HttpUpstream;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{Conn, Ferry};
+use support::{Conn, Ferry, proc_status};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -103,15 +103,6 @@ impl Mem {
             "{case}: RSS grew {growth} KiB, over the {budget} KiB budget"
         );
     }
-}
-
-/// A `/proc/<pid>/status` field in kB.
-fn proc_status(pid: u32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
 // ---- HTTP/2 by hand (RFC 9113) ----

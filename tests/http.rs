@@ -494,6 +494,188 @@ async fn an_idle_keep_alive_connection_outlives_the_header_read_timeout() {
     );
 }
 
+/// Idle keep-alive connections give hyper's buffers (~16 KiB each) back after a second
+/// and keep their sockets, and each still answers its next request, whether it arrives
+/// whole, in pieces or pipelined. The idle timeout
+/// still counts from the last response.
+#[tokio::test]
+async fn idle_connections_give_their_buffers_back_and_still_serve() {
+    const CONNS: usize = 500;
+    let up = HttpUpstream::start("a").await.unwrap();
+    let f = Ferry::start(
+        &format!("idle-timeout: 8s\n{}", policy(&[up.addr], "")),
+        &[],
+        &[],
+    );
+    let pid = f.child.id();
+    let get = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n";
+    let before = support::proc_status(pid, "VmRSS");
+    let mut conns = Vec::new();
+    // Ten at a time, so that the upstream pool stays small beside the 500.
+    for _ in 0..CONNS / 10 {
+        let batch = (0..10).map(|_| async {
+            let mut s = TcpStream::connect(f.addr("web")).await.unwrap();
+            s.write_all(get).await.unwrap();
+            let (head, body) = read_response(&mut s).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert_eq!(body, b"hello from a\n");
+            s
+        });
+        conns.extend(futures::future::join_all(batch).await);
+    }
+    let kib_each = || {
+        let now = support::proc_status(pid, "VmRSS");
+        now.saturating_sub(before) as f64 / CONNS as f64
+    };
+    let busy = kib_each();
+    // Released after 1 s idle; the memory goes back to the system a second later.
+    let served = Instant::now();
+    let mut idle = f64::MAX;
+    while served.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        idle = kib_each();
+        if served.elapsed() > Duration::from_millis(2500) && busy - idle > 4.0 {
+            break;
+        }
+    }
+    eprintln!("{CONNS} connections: {busy:.1} KiB of RSS each just served, {idle:.1} idle");
+    // hyper's read and write buffers touch at least a page each.
+    assert!(
+        busy - idle > 4.0,
+        "idle connections cost {idle:.1} KiB each, {busy:.1} just served: not given back"
+    );
+
+    // Every one still serves: whole requests, one in two pieces, two pipelined.
+    for s in conns.iter_mut().skip(2) {
+        s.write_all(get).await.unwrap();
+        let (head, _) = read_response(s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "after release: {head}");
+    }
+    let (pieces, rest) = conns.split_at_mut(1);
+    let s = &mut pieces[0];
+    s.write_all(&get[..9]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(&get[9..]).await.unwrap();
+    let (head, _) = read_response(s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "in pieces: {head}");
+    let s = &mut rest[0];
+    s.write_all(&[&get[..], &get[..]].concat()).await.unwrap();
+    for _ in 0..2 {
+        let (head, _) = read_response(s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "pipelined: {head}");
+    }
+
+    // Released or not, a connection is closed once idle-timeout passes from its last
+    // response, and not before.
+    let last = Instant::now();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+    assert!(closed.is_ok(), "the released connection was never closed");
+    assert!(
+        last.elapsed() >= Duration::from_millis(7500),
+        "closed {:?} after its last response, before idle-timeout (8 s)",
+        last.elapsed()
+    );
+}
+
+/// A WebSocket-style upgrade becomes a byte tunnel to the upstream once it answers 101,
+/// also on a keep-alive connection that sat idle (and was released) first; bytes the
+/// client sent right behind its upgrade request reach the upstream first.
+#[tokio::test]
+async fn an_upgrade_becomes_a_tunnel_even_after_the_connection_idled() {
+    // The upstream answers plain requests with "ok" and upgrade requests with 101, after
+    // which it echoes bytes in upper case.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    if !head.contains("upgrade: shout") {
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        s.write_all(ok).await.unwrap();
+                        continue;
+                    }
+                    let switched = b"HTTP/1.1 101 Switching Protocols\r\n\
+                        Connection: upgrade\r\nUpgrade: shout\r\n\r\n";
+                    s.write_all(switched).await.unwrap();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => s.write_all(&buf[..n].to_ascii_uppercase()).await.unwrap(),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let f = Ferry::start(&policy(&[up], ""), &[], &[]);
+    let mut s = TcpStream::connect(f.addr("web")).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"ok");
+    // Past the second after which an idle connection is released.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: web\r\nConnection: upgrade\r\nUpgrade: shout\r\n\r\nearly ",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let want_head = "HTTP/1.1 101";
+    let switched = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some(i) = text.find("\r\n\r\n")
+                && text[i + 4..].contains("EARLY ")
+            {
+                return text;
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed during the upgrade: {text}");
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("the upgrade and the early bytes' echo in time");
+    assert!(switched.starts_with(want_head), "{switched}");
+    assert!(
+        switched.to_ascii_lowercase().contains("upgrade: shout"),
+        "{switched}"
+    );
+
+    s.write_all(b"and more").await.unwrap();
+    let mut echo = vec![0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+        .await
+        .expect("the echo in time")
+        .unwrap();
+    assert_eq!(echo, b"AND MORE");
+    // The client ends its side; the tunnel passes that on and the upstream closes.
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the tunnel did not end after both sides did");
+}
+
 /// A client that pauses inside its request line, longer than the detection window, is
 /// still proxied as HTTP (the sidecar adds its request id), not tunnelled as bytes.
 #[tokio::test]

@@ -13,9 +13,10 @@ mkdir -p "$tools"
 
 # Debian packages: iptables, iproute2 and setpriv for the network-namespace tests and
 # `ferry init`; dnsmasq for DNS discovery; curl and openssl for scripts and certificates;
-# promtool (package prometheus) checks the Grafana dashboard's rules and ferry's /metrics.
+# promtool (package prometheus) checks the Grafana dashboard's rules and ferry's /metrics;
+# make and a C compiler build jemalloc, ferry's allocator.
 missing=()
-for pair in iptables:iptables ip:iproute2 setpriv:util-linux curl:curl openssl:openssl dnsmasq:dnsmasq-base promtool:prometheus; do
+for pair in make:make cc:gcc iptables:iptables ip:iproute2 setpriv:util-linux curl:curl openssl:openssl dnsmasq:dnsmasq-base promtool:prometheus; do
   command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
 if ((${#missing[@]})); then

@@ -197,6 +197,15 @@ impl Drop for Ferry {
     }
 }
 
+/// A `/proc/<pid>/status` field in kB (`VmRSS`, `VmHWM`).
+pub fn proc_status(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
 /// An address nothing answers on that nothing else can take while the test runs: a
 /// socket bound to it but not listening (connects are refused). A port that was bound and
 /// released can be handed to the next `bind(":0")`, such as one of ferry's own listeners,

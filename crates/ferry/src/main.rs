@@ -29,6 +29,13 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
+/// jemalloc keeps blocks of one size together, so memory given back by idle
+/// connections leaves whole pages free (glibc's heap kept ~8 KiB of each connection's
+/// 16 in pages pinned by its live neighbours), and it spends fewer instructions per
+/// request than glibc here (`bench/README.md`).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

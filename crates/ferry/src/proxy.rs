@@ -211,6 +211,25 @@ fn has_ipv6() -> bool {
     std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|s| !s.trim().is_empty())
 }
 
+/// Returns the pages idle connections gave up to the system, at most once a second:
+/// jemalloc would otherwise purge them only as later allocations tick its decay clock,
+/// which an idle sidecar never does.
+async fn give_back_memory() {
+    loop {
+        ferry_proxy::memory::wait_released().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = tokio::task::spawn_blocking(purge_unused_pages).await;
+    }
+}
+
+fn purge_unused_pages() {
+    // `arena.<MALLCTL_ARENAS_ALL>.purge`: every arena's unused dirty pages.
+    let name = c"arena.4096.purge";
+    let (none, no_len) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: a NUL-terminated name of a control that reads and writes no value.
+    let _ = unsafe { tikv_jemalloc_sys::mallctl(name.as_ptr(), none, no_len, none, 0) };
+}
+
 /// Runs the sidecar until drained. `announce` is printed after the listening lines.
 pub async fn run(
     args: ProxyArgs,
@@ -238,6 +257,7 @@ pub async fn run(
     let shared = Shared::with_tracer(file.clone(), discover, metrics, tracer)
         .map_err(|e| anyhow::anyhow!("the policy is not valid:\n{e}"))?;
     tokio::spawn(shared.clone().forget_idle(args.discovery_idle));
+    tokio::spawn(give_back_memory());
     let control = Control::new(shared.clone(), file.clone(), sources.origin());
 
     let proxy = Proxy::bind(shared.clone()).await?;

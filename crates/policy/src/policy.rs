@@ -111,6 +111,15 @@ impl From<SocketAddr> for StaticEndpoint {
     }
 }
 
+/// Whether a connection to `addr` lands on a listener bound to `bind`.
+fn reaches(bind: SocketAddr, addr: SocketAddr) -> bool {
+    bind.port() != 0
+        && bind.port() == addr.port()
+        && (bind.ip() == addr.ip()
+            || (bind.ip().is_unspecified()
+                && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoints {
     Static(Vec<StaticEndpoint>),
@@ -341,6 +350,25 @@ impl Policy {
                         self.services.keys().cloned().collect::<Vec<_>>().join(", ")
                     ),
                 ));
+            }
+        }
+        // A request sent to one of this sidecar's own listeners comes back to it, and
+        // again, until its file descriptors run out.
+        for (name, svc) in &self.services {
+            let Some(Endpoints::Static(eps)) = &svc.endpoints else {
+                continue;
+            };
+            for (j, ep) in eps.iter().enumerate() {
+                if let Some(l) = self.listeners.iter().find(|l| reaches(l.bind, ep.addr)) {
+                    errs.push(FieldError::new(
+                        format!("services.{name}.endpoints[{j}]"),
+                        ep.addr.to_string(),
+                        format!(
+                            "is this sidecar's own listener {:?} ({}): requests would loop back to it",
+                            l.name, l.bind
+                        ),
+                    ));
+                }
             }
         }
         errs.into_result(())
@@ -1085,6 +1113,40 @@ zone: -a
             e.contains("listeners[0].service: \"nope\" is not a service"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_endpoint_that_is_a_listener_of_this_sidecar_is_refused() {
+        for (bind, ep) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ] {
+            let p = Policy::from_yaml(&format!(
+                "listeners: [{{name: web, bind: \"{bind}\", service: web}}]\n\
+                 services: {{web: {{endpoints: [127.0.0.1:9, \"{ep}\"]}}}}"
+            ))
+            .unwrap();
+            let e = p.validate_complete().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "services.web.endpoints[1]: \"{ep}\" is this sidecar's own listener \"web\""
+                )),
+                "{e}"
+            );
+        }
+        // Another port, another address, or a port the kernel picks: no loop.
+        for (bind, ep) in [
+            ("127.0.0.1:8080", "127.0.0.1:8081"),
+            ("127.0.0.1:8080", "10.0.0.7:8080"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            let p = Policy::from_yaml(&format!(
+                "listeners: [{{name: web, bind: \"{bind}\", service: web}}]\n\
+                 services: {{web: {{endpoints: [\"{ep}\"]}}}}"
+            ))
+            .unwrap();
+            assert!(p.validate_complete().is_ok(), "{bind} and {ep}");
+        }
     }
 
     #[test]

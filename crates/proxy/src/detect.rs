@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
@@ -78,22 +78,22 @@ pub async fn detect<S: AsyncRead + Unpin>(
     io: &mut S,
     window: Duration,
     header_timeout: Duration,
-) -> io::Result<(Protocol, BytesMut)> {
+) -> io::Result<(Protocol, Bytes)> {
     let mut buf = BytesMut::with_capacity(512);
     let mut deadline = Instant::now() + window;
     loop {
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_elapsed) if buf.is_empty() => return Ok((Protocol::Opaque, buf)),
+            Err(_elapsed) if buf.is_empty() => return Ok((Protocol::Opaque, buf.freeze())),
             Err(_elapsed) => {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "the client began an HTTP request and did not finish its first line",
                 ));
             }
-            Ok(Ok(0)) => return Ok((Protocol::Opaque, buf)),
+            Ok(Ok(0)) => return Ok((Protocol::Opaque, buf.freeze())),
             Ok(Ok(n)) => {
                 if let Verdict::Is(p) = classify(&buf) {
-                    return Ok((p, buf));
+                    return Ok((p, buf.freeze()));
                 }
                 if buf.len() == n {
                     deadline = Instant::now() + header_timeout;
@@ -106,16 +106,16 @@ pub async fn detect<S: AsyncRead + Unpin>(
 
 /// A stream with bytes already read from it put back in front.
 pub struct Prefixed<S> {
-    prefix: BytesMut,
+    prefix: Bytes,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
-    pub fn new(prefix: BytesMut, inner: S) -> Self {
+    pub fn new(prefix: Bytes, inner: S) -> Self {
         Prefixed { prefix, inner }
     }
 
-    pub fn into_parts(self) -> (BytesMut, S) {
+    pub fn into_parts(self) -> (Bytes, S) {
         (self.prefix, self.inner)
     }
 }
@@ -130,6 +130,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Frees the detection buffer: a long-lived connection need not keep it.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

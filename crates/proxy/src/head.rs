@@ -5,23 +5,37 @@
 //! under the next request of a client whose pool keeps connections for minutes. Here the
 //! timer hyper asks for counts `idle-timeout` until a byte of the next request arrives,
 //! then `header-read-timeout` from that byte: slow headers are still cut off.
+//!
+//! The same timer tells the connection's owner when a keep-alive connection has waited
+//! [`RELEASE_IDLE_AFTER`] for its next request, so that it can give back hyper's
+//! buffers (~16 KiB) until bytes arrive (see `server::serve_http1`).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+/// How long a keep-alive connection waits for its next request before it gives its
+/// buffers back. Waking it then costs a new hyper connection (two buffers and a few
+/// hundred bytes of state), once per request for a client that calls less often than
+/// this; more often, nothing.
+pub const RELEASE_IDLE_AFTER: Duration = Duration::from_secs(1);
+
 /// When the first byte after the last head wait began arrived (ns since `base`, 0: none).
 pub struct HeadClock {
     base: Instant,
     first_byte: AtomicU64,
     idle: Duration,
+    /// Head waits begun: the first is a new connection's (or a woken one's), whose
+    /// request is on its way; later ones follow a response and may be released.
+    waits: AtomicU32,
+    release: AtomicBool,
 }
 
 impl HeadClock {
@@ -30,7 +44,15 @@ impl HeadClock {
             base: Instant::now(),
             first_byte: AtomicU64::new(0),
             idle,
+            waits: AtomicU32::new(0),
+            release: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the connection has waited [`RELEASE_IDLE_AFTER`] for its next request
+    /// with no byte of it arrived (asked once; hyper keeps waiting meanwhile).
+    pub fn take_release(&self) -> bool {
+        self.release.load(Ordering::Relaxed) && self.release.swap(false, Ordering::Relaxed)
     }
 
     fn saw_bytes(&self) {
@@ -62,11 +84,14 @@ impl hyper::rt::Timer for ConnTimer {
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
         let header = deadline.saturating_duration_since(std::time::Instant::now());
         self.0.first_byte.store(0, Ordering::Relaxed);
+        let may_release =
+            self.0.waits.fetch_add(1, Ordering::Relaxed) > 0 && RELEASE_IDLE_AFTER < self.0.idle;
         let started = Instant::now();
         Box::pin(HeadSleep {
             clock: self.0.clone(),
             header,
             started,
+            may_release,
             sleep: tokio::time::sleep_until(started + self.0.idle),
         })
     }
@@ -77,6 +102,7 @@ pin_project_lite::pin_project! {
         clock: Arc<HeadClock>,
         header: Duration,
         started: Instant,
+        may_release: bool,
         #[pin]
         sleep: tokio::time::Sleep,
     }
@@ -91,14 +117,27 @@ impl Future for HeadSleep {
         let mut this = self.project();
         // hyper polls this after every read that leaves the head incomplete, so the
         // deadline moves to first byte + header-read-timeout as soon as one arrives.
-        let deadline = match this.clock.first_byte() {
+        let first_byte = this.clock.first_byte();
+        let deadline = match first_byte {
             Some(t) => t + *this.header,
+            None if *this.may_release => *this.started + RELEASE_IDLE_AFTER,
             None => *this.started + this.clock.idle,
         };
         if this.sleep.deadline() != deadline {
             this.sleep.as_mut().reset(deadline);
         }
-        this.sleep.poll(cx)
+        if this.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if first_byte.is_none() && *this.may_release {
+            // Idle long enough to be released; the idle timeout still counts from
+            // `started` if the owner lets hyper wait on.
+            *this.may_release = false;
+            this.clock.release.store(true, Ordering::Relaxed);
+            this.sleep.as_mut().reset(*this.started + this.clock.idle);
+            return this.sleep.poll(cx);
+        }
+        Poll::Ready(())
     }
 }
 
@@ -114,6 +153,10 @@ pin_project_lite::pin_project! {
 impl<S> Watched<S> {
     pub fn new(inner: S, clock: Arc<HeadClock>) -> Self {
         Watched { inner, clock }
+    }
+
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }
 
@@ -180,6 +223,10 @@ mod tests {
             futures_poll(&mut idle).is_pending(),
             "idle for a minute: still open"
         );
+        assert!(
+            !clock.take_release(),
+            "a connection's first wait is for a request on its way: never released"
+        );
 
         clock.saw_bytes();
         assert!(futures_poll(&mut idle).is_pending());
@@ -191,6 +238,16 @@ mod tests {
 
         // The next wait starts afresh: the bytes of the last head do not count.
         let mut next = timer.sleep(header);
+        tokio::time::advance(RELEASE_IDLE_AFTER / 2).await;
+        assert!(futures_poll(&mut next).is_pending());
+        assert!(!clock.take_release(), "not idle long enough to be released");
+        tokio::time::advance(RELEASE_IDLE_AFTER).await;
+        assert!(futures_poll(&mut next).is_pending());
+        assert!(
+            clock.take_release(),
+            "idle past RELEASE_IDLE_AFTER: released"
+        );
+        assert!(!clock.take_release(), "asked once");
         tokio::time::advance(Duration::from_secs(30)).await;
         assert!(futures_poll(&mut next).is_pending());
         tokio::time::advance(Duration::from_secs(3600)).await;

@@ -35,25 +35,28 @@ pub fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
         .then(|| up.clone())
 }
 
+/// An HTTP/1.1 client connection after its upgrade: the socket, with any bytes hyper
+/// had read past the request put back in front.
+pub type ClientIo = crate::detect::Prefixed<tokio::net::TcpStream>;
+
 /// Copies bytes both ways between the upgraded client and upstream connections.
 pub fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
+    client: tokio::sync::oneshot::Receiver<ClientIo>,
     upstream: hyper::upgrade::OnUpgrade,
     in_flight: crate::balance::InFlight,
 ) {
     tokio::spawn(async move {
         let _in_flight = in_flight;
-        match tokio::try_join!(client, upstream) {
-            Ok((c, u)) => {
-                let (mut c, mut u) = (
-                    hyper_util::rt::TokioIo::new(c),
-                    hyper_util::rt::TokioIo::new(u),
-                );
+        let (client, upstream) = tokio::join!(client, upstream);
+        match (client, upstream) {
+            (Ok(mut c), Ok(u)) => {
+                let mut u = hyper_util::rt::TokioIo::new(u);
                 if let Err(error) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
                     tracing::debug!(%error, "upgraded connection ended with an error");
                 }
             }
-            Err(error) => tracing::debug!(%error, "upgrade failed"),
+            (Err(_), _) => tracing::debug!("upgrade failed: the client connection ended first"),
+            (_, Err(error)) => tracing::debug!(%error, "upgrade failed"),
         }
     });
 }

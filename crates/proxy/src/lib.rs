@@ -19,7 +19,7 @@
 //! - [`stack`]: the request path as tower layers, top to bottom: route, trace,
 //!   deadline, limit, retry, balance, endpoint, upstream.
 //! - [`detect`], [`head`], [`tcp`], `server`: listeners, protocol detection, header
-//!   timers, opaque TCP.
+//!   timers, idle HTTP/1 connections giving their buffers back ([`memory`]), opaque TCP.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +33,7 @@ pub mod head;
 pub mod http;
 pub mod limit;
 pub mod locality;
+pub mod memory;
 pub mod metrics;
 pub mod retry;
 mod server;

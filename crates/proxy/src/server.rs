@@ -4,17 +4,20 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use ferry_policy::{ListenerKind, Policy};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::detect::{Prefixed, Protocol, detect};
-use crate::head::{ConnTimer, HeadClock, Watched};
+use crate::head::{ConnTimer, HeadClock, RELEASE_IDLE_AFTER, Watched};
 use crate::metrics::ConnLabels;
 use crate::stack::route::{ConnCtx, HttpProxy};
 use crate::state::Shared;
@@ -208,7 +211,7 @@ async fn serve_conn(
         )
     };
     let (proto, prefix) = if opaque {
-        (Protocol::Opaque, bytes::BytesMut::new())
+        (Protocol::Opaque, Bytes::new())
     } else {
         detect(&mut stream, detect_window, header_timeout).await?
     };
@@ -222,56 +225,187 @@ async fn serve_conn(
     ctx.forwarded = forwarded;
     ctx.allow_connect = allow_connect;
     let ctx = Arc::new(ctx);
+    // The other protocols' work is boxed so that the connection's task is no larger
+    // than HTTP/1 needs: an idle one keeps only what waits for its socket.
     match proto {
-        Protocol::Opaque => {
-            let (dst, connect_timeout, service) = opaque_dst(&shared, &ctx).await?;
-            let direction = if ctx.inbound { "inbound" } else { "outbound" };
-            let stats = tcp::TcpStats::open(&shared.metrics, direction, &service);
-            tcp::forward(stream, prefix, dst, connect_timeout, &stats).await?;
-        }
+        Protocol::Opaque => Box::pin(serve_opaque(stream, prefix, &shared, &ctx)).await?,
         Protocol::Http1 => {
-            let clock = HeadClock::new(idle_timeout);
-            let io = TokioIo::new(Watched::new(Prefixed::new(prefix, stream), clock.clone()));
-            let svc = HttpProxy::new(shared, ctx);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(ConnTimer(clock))
-                .header_read_timeout(header_timeout)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .keep_alive(true)
-                .serve_connection(io, svc)
-                .with_upgrades();
-            let never = || false;
-            until_done(conn, &mut drain, std::future::pending(), never, |c| {
-                c.graceful_shutdown()
-            })
-            .await?;
+            let svc = HttpProxy::new(shared, ctx.clone());
+            let limits = (header_timeout, idle_timeout);
+            serve_http1(stream, prefix, svc, &ctx, &mut drain, limits).await?;
         }
         Protocol::Http2 => {
             let io = TokioIo::new(Prefixed::new(prefix, stream));
             let svc = HttpProxy::new(shared, ctx.clone());
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .adaptive_window(true)
-                .serve_connection(io, svc);
-            // A flood of streams cancelled after they were forwarded (rapid reset that
-            // waits for the proxy) ends like a drain: GOAWAY, streams in flight finish.
-            let flood = async {
-                ctx.too_many_cancels.notified().await;
-                tracing::debug!(%peer, "too many cancelled streams; sending GOAWAY");
-            };
-            let flooded = || ctx.flooded();
-            until_done(conn, &mut drain, flood, flooded, |c| c.graceful_shutdown()).await?;
+            Box::pin(serve_http2(io, svc, &ctx, &mut drain)).await?;
         }
     }
     Ok(())
+}
+
+async fn serve_opaque(
+    stream: TcpStream,
+    prefix: Bytes,
+    shared: &Arc<Shared>,
+    ctx: &ConnCtx,
+) -> anyhow::Result<()> {
+    let (dst, connect_timeout, service) = opaque_dst(shared, ctx).await?;
+    let direction = if ctx.inbound { "inbound" } else { "outbound" };
+    let stats = tcp::TcpStats::open(&shared.metrics, direction, &service);
+    tcp::forward(stream, prefix, dst, connect_timeout, &stats).await?;
+    Ok(())
+}
+
+async fn serve_http2(
+    io: TokioIo<Prefixed<TcpStream>>,
+    svc: HttpProxy,
+    ctx: &ConnCtx,
+    drain: &mut Drain,
+) -> Result<(), hyper::Error> {
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .adaptive_window(true)
+        .serve_connection(io, svc);
+    // A flood of streams cancelled after they were forwarded (rapid reset that waits
+    // for the proxy) ends like a drain: GOAWAY, streams in flight finish.
+    let flood = async {
+        ctx.too_many_cancels.notified().await;
+        tracing::debug!(peer = %ctx.peer, "too many cancelled streams; sending GOAWAY");
+    };
+    let flooded = || ctx.flooded();
+    until_done(std::pin::pin!(conn), drain, flood, flooded, |c| {
+        c.graceful_shutdown()
+    })
+    .await
+}
+
+type Http1Parts =
+    hyper::server::conn::http1::Parts<TokioIo<Watched<Prefixed<TcpStream>>>, HttpProxy>;
+
+/// Serves an HTTP/1 connection. Once it has waited [`RELEASE_IDLE_AFTER`] for its next
+/// request, hyper's connection (its read and write buffers, ~16 KiB) is dropped and
+/// only the socket waits; the next request's first bytes start a new one. A connection
+/// that upgrades (101) goes to the tunnel waiting for it.
+async fn serve_http1(
+    mut stream: TcpStream,
+    mut unread: Bytes,
+    mut svc: HttpProxy,
+    ctx: &ConnCtx,
+    drain: &mut Drain,
+    (header_timeout, idle_timeout): (Duration, Duration),
+) -> Result<(), hyper::Error> {
+    loop {
+        let io = Prefixed::new(unread, stream);
+        // Boxed: a released connection's task keeps none of hyper's state.
+        let (parts, released) = Box::pin(http1_until_idle(
+            io,
+            svc,
+            drain,
+            header_timeout,
+            idle_timeout,
+        ))
+        .await?;
+        let (rest, s) = parts.io.into_inner().into_inner().into_parts();
+        unread = join(parts.read_buf, rest);
+        svc = parts.service;
+        if !released {
+            let io = Prefixed::new(unread, s);
+            if let Some(tunnel) = ctx.take_upgrade() {
+                // Switched protocols (or the client left before it could).
+                if let Err(mut io) = tunnel.send(io) {
+                    let _ = io.shutdown().await;
+                }
+            } else {
+                let (_, mut s) = io.into_parts();
+                let _ = s.shutdown().await;
+            }
+            return Ok(());
+        }
+        crate::memory::released();
+        stream = s;
+        if unread.is_empty() {
+            let idle = idle_timeout.saturating_sub(RELEASE_IDLE_AFTER);
+            tokio::select! {
+                biased;
+                // Idle: closed now, as a graceful shutdown closes idle connections.
+                _ = drained(drain) => return Ok(()),
+                r = tokio::time::timeout(idle, stream.readable()) => match r {
+                    Ok(Ok(())) => {}
+                    _ => return Ok(()),
+                },
+            }
+        }
+    }
+}
+
+/// Lets hyper serve an HTTP/1 connection until it closes, upgrades, drains, or has
+/// waited [`RELEASE_IDLE_AFTER`] for a request (then `true`: released, socket open).
+async fn http1_until_idle(
+    io: Prefixed<TcpStream>,
+    svc: HttpProxy,
+    drain: &mut Drain,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+) -> Result<(Http1Parts, bool), hyper::Error> {
+    let clock = HeadClock::new(idle_timeout);
+    let io = TokioIo::new(Watched::new(io, clock.clone()));
+    let mut conn = hyper::server::conn::http1::Builder::new()
+        .timer(ConnTimer(clock.clone()))
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true)
+        .serve_connection(io, svc);
+    // Set by the drain (finish the request in flight, then close) or by the timer
+    // (idle long enough to release); both end hyper's connection the same way.
+    let draining = AtomicBool::new(false);
+    let mut released = false;
+    let run = std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
+                return Poll::Ready(r);
+            }
+            // Loads first: this runs on every wake of the connection.
+            let drain_now =
+                draining.load(Ordering::Relaxed) && draining.swap(false, Ordering::Relaxed);
+            // Between requests hyper's state is idle, so this ends the connection as
+            // HTTP at once, with nothing left unwritten, and leaves the socket open.
+            let release_now = !drain_now && !released && clock.take_release();
+            if !(drain_now || release_now) {
+                return Poll::Pending;
+            }
+            released = release_now;
+            Pin::new(&mut conn).graceful_shutdown();
+        }
+    });
+    let never = || false;
+    until_done(
+        std::pin::pin!(run),
+        drain,
+        std::future::pending(),
+        never,
+        |_| draining.store(true, Ordering::Relaxed),
+    )
+    .await?;
+    Ok((conn.into_parts(), released))
+}
+
+/// Bytes hyper read past the last request, then any the detection left unread. An
+/// empty one is replaced: it may still hold the whole buffer it was split from.
+fn join(first: Bytes, then: Bytes) -> Bytes {
+    match (first.is_empty(), then.is_empty()) {
+        (true, true) => Bytes::new(),
+        (false, true) => first,
+        (true, false) => then,
+        (false, false) => [first, then].concat().into(),
+    }
 }
 
 /// Runs an HTTP connection to its end; once draining starts or `stop` completes, asks
 /// it to finish gracefully (HTTP/1: after the request in flight; HTTP/2: GOAWAY) and
 /// waits. `stopped` says, without waiting, whether `stop` may have completed.
 async fn until_done<C>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     drain: &mut Drain,
     stop: impl Future<Output = ()>,
     stopped: impl Fn() -> bool,
@@ -281,7 +415,6 @@ where
     C: Future<Output = Result<(), hyper::Error>>,
 {
     let probe = drain.clone();
-    tokio::pin!(conn);
     let signal = async {
         tokio::select! {
             _ = drained(drain) => {}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -98,7 +98,7 @@ impl AsyncWrite for Counted<'_> {
 /// FIN and may keep sending.
 pub async fn forward(
     client: TcpStream,
-    prefix: BytesMut,
+    prefix: Bytes,
     dst: SocketAddr,
     connect_timeout: Duration,
     stats: &TcpStats,

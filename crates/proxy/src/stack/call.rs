@@ -46,7 +46,7 @@ pub struct Ctx {
     /// Last frame of the request body, with `stream-idle-timeout`.
     pub activity: Option<Arc<AtomicU64>>,
     /// The client side of an HTTP/1.1 upgrade, when it asked for one.
-    pub upgrade: Option<hyper::upgrade::OnUpgrade>,
+    pub upgrade: Option<tokio::sync::oneshot::Receiver<crate::http::ClientIo>>,
     pub span: ActiveSpan,
     pub permit: Option<Permit>,
     /// The endpoints the call is balanced over (one snapshot for all attempts).

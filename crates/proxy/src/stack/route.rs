@@ -14,6 +14,7 @@ use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::Service as _;
 
@@ -22,7 +23,7 @@ use ferry_telemetry::ActiveSpan;
 use super::call::{Call, Ctx};
 use crate::body::ProxyBody;
 use crate::errors::ProxyError;
-use crate::http::{forwarded_for, is_grpc, strip_hop_by_hop, upgrade_protocol};
+use crate::http::{ClientIo, forwarded_for, is_grpc, strip_hop_by_hop, upgrade_protocol};
 use crate::state::{ServiceRt, Shared, Target};
 
 pub struct ConnCtx {
@@ -42,6 +43,10 @@ pub struct ConnCtx {
     cancelled: AtomicU32,
     /// Woken when cancellations look like an attack rather than a client's deadlines.
     pub too_many_cancels: tokio::sync::Notify,
+    /// HTTP/1.1: where the connection goes once hyper hands it back after an upgrade
+    /// (the connection is served without hyper's own upgrade support, so that an idle
+    /// one can be taken back too).
+    upgrade: std::sync::Mutex<Option<oneshot::Sender<ClientIo>>>,
 }
 
 /// Cancelled requests after which an HTTP/2 connection is asked to go away, when they
@@ -74,7 +79,24 @@ impl ConnCtx {
             requests: AtomicU32::new(0),
             cancelled: AtomicU32::new(0),
             too_many_cancels: tokio::sync::Notify::new(),
+            upgrade: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The client's side of an HTTP/1.1 upgrade this request asks for; it arrives once
+    /// the response has switched protocols and the connection has ended as HTTP.
+    fn on_upgrade(&self) -> oneshot::Receiver<ClientIo> {
+        let (tx, rx) = oneshot::channel();
+        *self.upgrade.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// Where an HTTP/1.1 connection that ended goes, if a request asked to upgrade it.
+    pub fn take_upgrade(&self) -> Option<oneshot::Sender<ClientIo>> {
+        self.upgrade
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Whether cancelled requests are most of this connection's, and too many.
@@ -144,7 +166,10 @@ impl HttpProxy {
         } else {
             None
         };
-        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.is_some().then(|| {
+            req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+            self.conn.on_upgrade()
+        });
         strip_hop_by_hop(req.headers_mut(), true);
         if req.version() <= Version::HTTP_11
             && let Some(a) = req.uri().authority()
