@@ -14,7 +14,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,9 +32,10 @@ pub struct HeadClock {
     base: Instant,
     first_byte: AtomicU64,
     idle: Duration,
-    /// Head waits begun: the first is a new connection's (or a woken one's), whose
-    /// request is on its way; later ones follow a response and may be released.
-    waits: AtomicU32,
+    /// Whether a head wait has begun: the first is a new connection's (or a woken
+    /// one's), whose request is on its way; later ones follow a response and may be
+    /// released.
+    waited: AtomicBool,
     release: AtomicBool,
 }
 
@@ -44,7 +45,7 @@ impl HeadClock {
             base: Instant::now(),
             first_byte: AtomicU64::new(0),
             idle,
-            waits: AtomicU32::new(0),
+            waited: AtomicBool::new(false),
             release: AtomicBool::new(false),
         })
     }
@@ -85,7 +86,7 @@ impl hyper::rt::Timer for ConnTimer {
         let header = deadline.saturating_duration_since(std::time::Instant::now());
         self.0.first_byte.store(0, Ordering::Relaxed);
         let may_release =
-            self.0.waits.fetch_add(1, Ordering::Relaxed) > 0 && RELEASE_IDLE_AFTER < self.0.idle;
+            self.0.waited.swap(true, Ordering::Relaxed) && RELEASE_IDLE_AFTER < self.0.idle;
         let started = Instant::now();
         Box::pin(HeadSleep {
             clock: self.0.clone(),

@@ -309,21 +309,22 @@ async fn serve_http1(
         let (rest, s) = parts.io.into_inner().into_inner().into_parts();
         unread = join(parts.read_buf, rest);
         svc = parts.service;
+        stream = s;
         if !released {
-            let io = Prefixed::new(unread, s);
-            if let Some(tunnel) = ctx.take_upgrade() {
+            match ctx.take_upgrade() {
                 // Switched protocols (or the client left before it could).
-                if let Err(mut io) = tunnel.send(io) {
-                    let _ = io.shutdown().await;
+                Some(tunnel) => {
+                    if let Err(mut io) = tunnel.send(Prefixed::new(unread, stream)) {
+                        let _ = io.shutdown().await;
+                    }
                 }
-            } else {
-                let (_, mut s) = io.into_parts();
-                let _ = s.shutdown().await;
+                None => {
+                    let _ = stream.shutdown().await;
+                }
             }
             return Ok(());
         }
         crate::memory::released();
-        stream = s;
         if unread.is_empty() {
             let idle = idle_timeout.saturating_sub(RELEASE_IDLE_AFTER);
             tokio::select! {
