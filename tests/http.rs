@@ -528,21 +528,11 @@ async fn idle_connections_give_their_buffers_back_and_still_serve() {
         });
         conns.extend(futures::future::join_all(batch).await);
     }
-    let kib_each = || {
-        let now = support::proc_status(pid, "VmRSS");
-        now.saturating_sub(before) as f64 / CONNS as f64
-    };
-    let busy = kib_each();
-    // Released after 1 s idle; the memory goes back to the system a second later.
     let served = Instant::now();
-    let mut idle = f64::MAX;
-    while served.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        idle = kib_each();
-        if served.elapsed() > Duration::from_millis(2500) && busy - idle > 4.0 {
-            break;
-        }
-    }
+    let busy = rss_each(pid, before, CONNS);
+    // Released after 1 s idle; the memory goes back to the system a second later.
+    let window = (Duration::from_millis(2500), Duration::from_secs(5));
+    let idle = rss_each_until(pid, before, CONNS, served, window, busy - 4.0).await;
     eprintln!("{CONNS} connections: {busy:.1} KiB of RSS each just served, {idle:.1} idle");
     // hyper's read and write buffers touch at least a page each.
     assert!(
@@ -573,6 +563,78 @@ async fn idle_connections_give_their_buffers_back_and_still_serve() {
     // Released or not, a connection is closed once idle-timeout (8 s) passes from its
     // last response, and not before.
     closed_between(s, Duration::from_millis(7500), Duration::from_secs(15)).await;
+}
+
+/// Ferry's RSS above `base`, in KiB per connection.
+fn rss_each(pid: u32, base: u64, conns: usize) -> f64 {
+    support::proc_status(pid, "VmRSS").saturating_sub(base) as f64 / conns as f64
+}
+
+/// Polls [`rss_each`] until it is below `below` once `not_before` has passed since
+/// `since`, or until `until` has; returns the last reading.
+async fn rss_each_until(
+    pid: u32,
+    base: u64,
+    conns: usize,
+    since: Instant,
+    (not_before, until): (Duration, Duration),
+    below: f64,
+) -> f64 {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = rss_each(pid, base, conns);
+        if (since.elapsed() >= not_before && now < below) || since.elapsed() >= until {
+            return now;
+        }
+    }
+}
+
+/// What client connections held goes back to the system once they close, and what the
+/// upstream connections they used held once the pool closes those (5-10 s after their
+/// last use): a sidecar gone quiet does not keep the peak of its last burst.
+#[tokio::test]
+async fn closed_client_and_pool_connections_give_their_memory_back() {
+    const CONNS: usize = 300;
+    // Slow answers, so that every call holds an upstream connection of its own.
+    let up = support::slow_upstream("a", Duration::from_millis(500)).await;
+    // jemalloc's own decay also returns pages, but only as later allocations tick it
+    // (never, on a sidecar that went quiet): off here, so that only ferry's purge counts.
+    support::set_child_env("_RJEM_MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1");
+    let f = Ferry::start(&policy(&[up.addr], ""), &[], &[]);
+    support::clear_child_env();
+    let pid = f.child.id();
+    let before = support::proc_status(pid, "VmRSS");
+    let calls = (0..CONNS).map(|_| async {
+        let mut s = TcpStream::connect(f.addr("web")).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    });
+    futures::future::join_all(calls).await;
+    let served = Instant::now();
+    let busy = rss_each(pid, before, CONNS);
+    assert_eq!(up.hits.load(Ordering::Relaxed), CONNS as u64);
+
+    // The clients closed as their calls ended.
+    let window = (Duration::from_millis(1500), Duration::from_secs(4));
+    let closed = rss_each_until(pid, before, CONNS, served, window, busy - 4.0).await;
+    let window = (Duration::ZERO, Duration::from_secs(16));
+    let pool_closed = rss_each_until(pid, before, CONNS, served, window, closed - 4.0).await;
+    eprintln!(
+        "{CONNS} calls: {busy:.1} KiB of RSS each just served, {closed:.1} with the clients \
+         gone, {pool_closed:.1} with the pool's connections closed too"
+    );
+    // Each side's hyper connection holds at least a page of buffers.
+    assert!(
+        busy - closed > 4.0,
+        "closed client connections kept {closed:.1} KiB each ({busy:.1} just served)"
+    );
+    assert!(
+        closed - pool_closed > 4.0,
+        "closed pool connections kept {pool_closed:.1} KiB each ({closed:.1} before)"
+    );
 }
 
 /// A WebSocket-style upgrade becomes a byte tunnel to the upstream once it answers 101,

@@ -211,13 +211,13 @@ fn has_ipv6() -> bool {
     std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|s| !s.trim().is_empty())
 }
 
-/// Returns the pages idle connections gave up to the system, at most once a second:
-/// jemalloc would otherwise purge them only as later allocations tick its decay clock,
-/// which an idle sidecar never does.
+/// Returns freed pages to the system once the sidecar has been quiet for a second after
+/// connections ended, went idle or were closed by the pool: jemalloc would otherwise
+/// purge them only as later allocations tick its decay clock, which an idle sidecar
+/// never does.
 async fn give_back_memory() {
     loop {
-        ferry_proxy::memory::wait_released().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        ferry_proxy::memory::quiet_after_freeing(Duration::from_secs(1)).await;
         let _ = tokio::task::spawn_blocking(purge_unused_pages).await;
     }
 }

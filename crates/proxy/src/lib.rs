@@ -14,12 +14,13 @@
 //! - [`retry`]: what may be retried, the retry budget, the replayable request body.
 //! - [`body`]: request and response bodies; a call ends with its response body.
 //! - [`discovery`], [`controller`]: endpoints from DNS or ferry-controller.
+//! - [`memory`]: when freed memory can go back to the system; the upstream connector.
 //! - [`state`]: the compiled policy: services, routes, clients, shared state.
 //! - [`http`]: HTTP on the wire: hop-by-hop headers, upgrades, `grpc-timeout`.
 //! - [`stack`]: the request path as tower layers, top to bottom: route, trace,
 //!   deadline, limit, retry, balance, endpoint, upstream.
 //! - [`detect`], [`head`], [`tcp`], `server`: listeners, protocol detection, header
-//!   timers, idle HTTP/1 connections giving their buffers back ([`memory`]), opaque TCP.
+//!   timers, idle HTTP/1 connections giving their buffers back, opaque TCP.
 
 #![forbid(unsafe_code)]
 

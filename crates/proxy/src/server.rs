@@ -158,6 +158,7 @@ async fn accept_loop(b: Bound, shared: Arc<Shared>, mut drain: Drain, tracker: T
                     if let Err(error) = serve_conn(stream, peer, &info, shared, drain).await {
                         tracing::debug!(listener = %info.name, %peer, %error, "connection ended with an error");
                     }
+                    crate::memory::released();
                 });
             }
             Err(error) => {

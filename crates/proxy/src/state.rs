@@ -21,6 +21,7 @@ use crate::body::ReqBody;
 use crate::discovery::{Addr, Discover, DstWatch, Resolved};
 use crate::limit::Limiter;
 use crate::locality::{LocalityState, Place, Plan};
+use crate::memory::Connector;
 use crate::metrics::{Metrics, RouteMetrics, ServiceLabels, ServiceSeries, StatusCounters};
 use crate::retry::Budget;
 
@@ -32,8 +33,8 @@ const POOL_IDLE: Duration = Duration::from_secs(5);
 /// Pooled upstream clients, one per protocol. Cloning shares the pools.
 #[derive(Clone)]
 pub struct Clients {
-    pub h1: Client<HttpConnector, ReqBody>,
-    pub h2: Client<HttpConnector, ReqBody>,
+    pub h1: Client<Connector, ReqBody>,
+    pub h2: Client<Connector, ReqBody>,
     connect_timeout: Duration,
 }
 
@@ -46,6 +47,7 @@ impl Clients {
         b.timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE);
+        let conn = Connector(conn);
         let h1 = b.build(conn.clone());
         b.http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
