@@ -93,7 +93,8 @@ pub struct ReqBody {
 
 enum ReqKind {
     Direct(Incoming),
-    Replay(ReplayBody),
+    /// Boxed: the request moves many times on its way out, and a replayed body is rare.
+    Replay(Box<ReplayBody>),
     Empty,
 }
 
@@ -107,7 +108,7 @@ impl ReqBody {
 
     pub fn replay(b: ReplayBody) -> Self {
         ReqBody {
-            kind: ReqKind::Replay(b),
+            kind: ReqKind::Replay(Box::new(b)),
             activity: None,
         }
     }
@@ -137,7 +138,7 @@ impl Body for ReqBody {
         loop {
             let r = match &mut this.kind {
                 ReqKind::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-                ReqKind::Replay(b) => Pin::new(b).poll_frame(cx),
+                ReqKind::Replay(b) => Pin::new(&mut **b).poll_frame(cx),
                 ReqKind::Empty => Poll::Ready(None),
             };
             if let Poll::Ready(Some(Ok(f))) = &r {

@@ -80,10 +80,14 @@ fn fail(error: ProxyError, call: Call) -> super::call::Ready {
 }
 
 /// The request's path and query, sent to `authority`.
-fn upstream_uri(authority: &http::uri::Authority, pq: PathAndQuery) -> Result<Uri, http::Error> {
-    Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority.clone())
-        .path_and_query(pq)
-        .build()
+fn upstream_uri(
+    authority: &http::uri::Authority,
+    pq: PathAndQuery,
+) -> Result<Uri, http::uri::InvalidUriParts> {
+    // From parts rather than `Uri::builder()`, whose every step moves a `Result` of them.
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts)
 }

@@ -9,8 +9,8 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures::FutureExt;
+use http::Response;
 use http::header::{self, HeaderValue};
-use http::{Request, Response};
 use hyper::body::Incoming;
 
 use ferry_telemetry::Kind;
@@ -51,8 +51,11 @@ where
     }
 
     fn call(&mut self, call: Call<Incoming>) -> Self::Future {
-        let Call { req, mut ctx } = call;
-        let (mut parts, body) = req.into_parts();
+        let Call { mut req, mut ctx } = call;
+        // The headers are taken out for the tracer to write while it reads the method
+        // and path: a move of the map, not of the whole request twice. An empty map
+        // does not allocate.
+        let mut headers = std::mem::take(req.headers_mut());
         let span = {
             let s = ctx.settings();
             let info = ferry_telemetry::Call {
@@ -61,21 +64,18 @@ where
                 } else {
                     Kind::Client
                 },
-                method: &parts.method,
-                path: parts.uri.path(),
+                method: req.method(),
+                path: req.uri().path(),
                 grpc: ctx.grpc,
                 peer: ctx.peer,
                 route: ctx.calls.route(),
             };
-            ctx.shared.tracer.start(
-                info,
-                s.trace_propagation,
-                s.trace_sampling,
-                &mut parts.headers,
-            )
+            ctx.shared
+                .tracer
+                .start(info, s.trace_propagation, s.trace_sampling, &mut headers)
         };
+        *req.headers_mut() = headers;
         ctx.span = span;
-        let req = Request::from_parts(parts, body);
         self.inner.call(Call { req, ctx }).map(respond as Respond)
     }
 }
