@@ -146,75 +146,82 @@ impl HttpProxy {
 
     /// The request's service and route, its headers made ready for the next hop, and
     /// the stack below for the rest.
-    async fn route(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn route(self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
-        let grpc = is_grpc(req.headers());
-        if req.method() == http::Method::CONNECT && !self.conn.allow_connect {
-            return ProxyError::ConnectNotAllowed.to_response(grpc);
-        }
-        let Some(svc) = self.conn.service(&self.shared).await else {
-            return ProxyError::UnknownService.to_response(grpc);
+        self.conn.requests.fetch_add(1, Ordering::Relaxed);
+        let mut cancel = OnCancel(Some(&self.conn));
+        // One future for the whole request (no inner one to move the request into).
+        let resp = 'call: {
+            let grpc = is_grpc(req.headers());
+            if req.method() == http::Method::CONNECT && !self.conn.allow_connect {
+                break 'call ProxyError::ConnectNotAllowed.to_response(grpc);
+            }
+            let Some(svc) = self.conn.service(&self.shared).await else {
+                break 'call ProxyError::UnknownService.to_response(grpc);
+            };
+            let (route, _) = svc.route_for(req.uri().path());
+            let calls = svc
+                .calls(route, self.conn.inbound, &self.shared.metrics)
+                .clone();
+            // An HTTP/1.1 upgrade (WebSocket and the like) keeps its handshake headers and
+            // becomes a byte tunnel once the upstream answers 101.
+            let upgrade = if req.version() == Version::HTTP_11 {
+                upgrade_protocol(req.headers())
+            } else {
+                None
+            };
+            let client_upgrade = upgrade.is_some().then(|| {
+                req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+                self.conn.on_upgrade()
+            });
+            strip_hop_by_hop(req.headers_mut(), true);
+            if req.version() <= Version::HTTP_11
+                && let Some(a) = req.uri().authority()
+                && let Ok(host) = HeaderValue::from_str(a.as_str())
+            {
+                // RFC 9112 §3.2.2: an absolute-form target's authority is the Host.
+                req.headers_mut().insert(header::HOST, host);
+            }
+            if self.conn.inbound && self.conn.forwarded {
+                forwarded_for(req.headers_mut(), self.conn.peer);
+            }
+            if let Some(p) = upgrade {
+                req.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                req.headers_mut().insert(header::UPGRADE, p);
+            }
+            // The upstream declared h2c (appProtocol): HTTP/1 requests go as HTTP/2 over the
+            // pooled multiplexed connection. Upgrades need HTTP/1.1 and stay as they are.
+            if svc.h2 && client_upgrade.is_none() && req.version() != Version::HTTP_2 {
+                *req.version_mut() = Version::HTTP_2;
+            }
+            let ctx = Box::new(Ctx {
+                shared: self.shared.clone(),
+                svc,
+                route,
+                calls,
+                peer: self.conn.peer,
+                inbound: self.conn.inbound,
+                grpc,
+                start,
+                deadline: None,
+                headers_by: None,
+                activity: None,
+                upgrade: client_upgrade,
+                span: ActiveSpan::default(),
+                permit: None,
+                set: None,
+                ep: None,
+                avoid: None,
+            });
+            let mut stack = self.stack.clone();
+            match stack.call(Call { req, ctx }).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
         };
-        let (route, _) = svc.route_for(req.uri().path());
-        let calls = svc
-            .calls(route, self.conn.inbound, &self.shared.metrics)
-            .clone();
-        // An HTTP/1.1 upgrade (WebSocket and the like) keeps its handshake headers and
-        // becomes a byte tunnel once the upstream answers 101.
-        let upgrade = if req.version() == Version::HTTP_11 {
-            upgrade_protocol(req.headers())
-        } else {
-            None
-        };
-        let client_upgrade = upgrade.is_some().then(|| {
-            req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
-            self.conn.on_upgrade()
-        });
-        strip_hop_by_hop(req.headers_mut(), true);
-        if req.version() <= Version::HTTP_11
-            && let Some(a) = req.uri().authority()
-            && let Ok(host) = HeaderValue::from_str(a.as_str())
-        {
-            // RFC 9112 §3.2.2: an absolute-form target's authority is the Host.
-            req.headers_mut().insert(header::HOST, host);
-        }
-        if self.conn.inbound && self.conn.forwarded {
-            forwarded_for(req.headers_mut(), self.conn.peer);
-        }
-        if let Some(p) = upgrade {
-            req.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            req.headers_mut().insert(header::UPGRADE, p);
-        }
-        // The upstream declared h2c (appProtocol): HTTP/1 requests go as HTTP/2 over the
-        // pooled multiplexed connection. Upgrades need HTTP/1.1 and stay as they are.
-        if svc.h2 && client_upgrade.is_none() && req.version() != Version::HTTP_2 {
-            *req.version_mut() = Version::HTTP_2;
-        }
-        let ctx = Box::new(Ctx {
-            shared: self.shared.clone(),
-            svc,
-            route,
-            calls,
-            peer: self.conn.peer,
-            inbound: self.conn.inbound,
-            grpc,
-            start,
-            deadline: None,
-            headers_by: None,
-            activity: None,
-            upgrade: client_upgrade,
-            span: ActiveSpan::default(),
-            permit: None,
-            set: None,
-            ep: None,
-            avoid: None,
-        });
-        let mut stack = self.stack.clone();
-        match stack.call(Call { req, ctx }).await {
-            Ok(resp) => resp,
-            Err(never) => match never {},
-        }
+        cancel.0 = None;
+        Ok(resp)
     }
 }
 
@@ -224,14 +231,7 @@ impl hyper::service::Service<Request<Incoming>> for HttpProxy {
     type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            this.conn.requests.fetch_add(1, Ordering::Relaxed);
-            let mut cancel = OnCancel(Some(&this.conn));
-            let resp = this.route(req).await;
-            cancel.0 = None;
-            Ok(resp)
-        })
+        Box::pin(self.clone().route(req))
     }
 }
 
