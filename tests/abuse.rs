@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_demo::HttpUpstream;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::{Conn, Ferry, proc_status};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -54,12 +53,7 @@ async fn serves(f: &Ferry) {
     .expect("an HTTP/1.1 request in time");
     assert_eq!(h1.unwrap(), (200, "hello from a\n".to_string()));
     let h2 = timeout(Duration::from_secs(5), async {
-        let s = TcpStream::connect(web).await.unwrap();
-        let (mut tx, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let mut tx = support::h2c(web).await;
         let req = hyper::Request::get("http://web/")
             .body(Full::<Bytes>::default())
             .unwrap();
@@ -735,12 +729,7 @@ async fn h2_slow_reader_does_not_stall_other_clients() {
     // Larger than any slack the connection window might have.
     let body = Bytes::from(vec![b'y'; 256 * 1024]);
     let other = timeout(Duration::from_secs(5), async {
-        let s = TcpStream::connect(web).await.unwrap();
-        let (mut tx, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let mut tx = support::h2c(web).await;
         let req = hyper::Request::post("http://web/echo")
             .body(Full::new(body.clone()))
             .unwrap();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_demo::HttpUpstream;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use support::{Conn, Ferry, raw};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -63,11 +63,7 @@ async fn keep_alive_carries_many_requests_and_bodies_intact() {
 async fn h2c_multiplexes_many_streams_on_one_connection() {
     let up = HttpUpstream::start("a").await.unwrap();
     let f = Ferry::start(&policy(&[up.addr], ""), &[], &[]);
-    let s = TcpStream::connect(f.addr("web")).await.unwrap();
-    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let tx = support::h2c(f.addr("web")).await;
     let mut tasks = Vec::new();
     for i in 0..100 {
         let mut tx = tx.clone();
@@ -800,6 +796,112 @@ async fn malformed_bodies_absolute_targets_and_connect_get_the_rfc_answers() {
     );
     // Still serving.
     assert_eq!(raw(web, "GET", "/", "").await.0, 200);
+}
+
+/// A TCP server that echoes what it reads in upper case.
+async fn shout_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n].to_ascii_uppercase()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads from `s` until `want` has come, or fails naming what did.
+async fn read_until(s: &mut (impl tokio::io::AsyncRead + Unpin), want: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let read = async {
+        while !got.windows(want.len()).any(|w| w == want) {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {:?} came: {:?}",
+                String::from_utf8_lossy(want),
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .unwrap_or_else(|_| panic!("{:?} never came", String::from_utf8_lossy(want)));
+    got
+}
+
+/// With `http-connect: tunnel`, CONNECT opens a TCP tunnel to one of the listener's
+/// service's endpoints: 200, then bytes both ways, those sent right behind the request
+/// first; over HTTP/1.1 (the rest of the connection) and HTTP/2 (the stream). An
+/// endpoint that refuses is a 503 naming why, as for requests.
+#[tokio::test]
+async fn connect_opens_a_tunnel_to_the_service_when_the_policy_allows_it() {
+    let shout = shout_server().await;
+    let f = Ferry::start(
+        &format!("http-connect: tunnel\n{}", policy(&[shout], "")),
+        &[],
+        &[],
+    );
+    let web = f.addr("web");
+
+    let mut s = TcpStream::connect(web).await.unwrap();
+    s.write_all(b"CONNECT db.example:5432 HTTP/1.1\r\nHost: db.example:5432\r\n\r\nearly ")
+        .await
+        .unwrap();
+    let got = read_until(&mut s, b"EARLY ").await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    s.write_all(b"and later").await.unwrap();
+    read_until(&mut s, b"AND LATER").await;
+    drop(s);
+
+    let mut tx = support::h2c(web).await;
+    let req = hyper::Request::builder()
+        .method("CONNECT")
+        .uri("db.example:5432")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let mut resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "HTTP/2 CONNECT");
+    let mut io = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+    io.write_all(b"over a stream").await.unwrap();
+    read_until(&mut io, b"OVER A STREAM").await;
+    // Counted as the service's TCP connections, bytes both ways.
+    let m = f.metrics().await;
+    for want in [
+        r#"ferry_tcp_opened_total{direction="outbound",service="web"} 2"#,
+        r#"ferry_tcp_received_bytes_total{direction="outbound",service="web"} 28"#,
+        r#"ferry_tcp_sent_bytes_total{direction="outbound",service="web"} 28"#,
+    ] {
+        assert!(m.contains(want), "{want} not in:\n{m}");
+    }
+    drop((io, tx));
+
+    let dead = support::dead_addr();
+    let f = Ferry::start(
+        &format!("http-connect: tunnel\n{}", policy(&[dead], "")),
+        &[],
+        &[],
+    );
+    let mut s = TcpStream::connect(f.addr("web")).await.unwrap();
+    s.write_all(b"CONNECT db.example:5432 HTTP/1.1\r\nHost: db.example:5432\r\n\r\n")
+        .await
+        .unwrap();
+    let (refused, _) = read_response(&mut s).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.contains("x-ferry-error: connect-failed"),
+        "{refused}"
+    );
 }
 
 /// Behind an inbound sidecar the app still learns who called it.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use support::netns::{Namespaces, as_proxy_user, ferry_for_proxy_user, is_root, must};
 use support::{Ferry, raw};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,12 +38,7 @@ fn counter(metrics: &str, name_and_labels: &str) -> u64 {
 }
 
 async fn h2_get(to: SocketAddr, path: &str) -> (u16, String) {
-    let s = TcpStream::connect(to).await.unwrap();
-    let (mut tx, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut tx = support::h2c(to).await;
     let req = hyper::Request::get(format!("http://{to}{path}"))
         .body(Full::<Bytes>::default())
         .unwrap();

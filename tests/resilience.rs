@@ -246,12 +246,7 @@ fn encode(r: &EchoRequest) -> Vec<u8> {
 
 /// One gRPC call over a raw HTTP/2 connection: what came back, frame by frame.
 async fn grpc_wire(addr: SocketAddr, method: &str, req: &EchoRequest) -> Wire {
-    let s = TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut tx = support::h2c(addr).await;
     let msg = encode(req);
     let mut body = vec![0u8];
     body.extend_from_slice(&(msg.len() as u32).to_be_bytes());

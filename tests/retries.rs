@@ -1076,14 +1076,7 @@ async fn a_refused_stream_is_sent_to_another_endpoint_even_as_a_post() {
         &[refusing.addr, good.addr],
         &[("outlier-failures", "0")],
     )]));
-    let tcp = TcpStream::connect(f.addr("web")).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = support::h2c(f.addr("web")).await;
     let mut sent = Vec::new();
     for i in 0..4u8 {
         let body = body_of(8 * 1024, i);

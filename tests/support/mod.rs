@@ -218,6 +218,21 @@ pub fn dead_addr() -> SocketAddr {
     addr
 }
 
+/// A new HTTP/2 (h2c, prior knowledge) connection to `addr`, driven in the background.
+pub async fn h2c<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
 /// One HTTP/1.1 request on a new connection.
 pub async fn raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -17,10 +17,11 @@
 //! - [`memory`]: when freed memory can go back to the system; the upstream connector.
 //! - [`state`]: the compiled policy: services, routes, clients, shared state.
 //! - [`http`]: HTTP on the wire: hop-by-hop headers, upgrades, `grpc-timeout`.
+//! - [`tcp`]: opaque TCP and `CONNECT` tunnels: connecting, splicing, their metrics.
 //! - [`stack`]: the request path as tower layers, top to bottom: route, trace,
 //!   deadline, limit, retry, balance, endpoint, upstream.
-//! - [`detect`], [`head`], [`tcp`], `server`: listeners, protocol detection, header
-//!   timers, idle HTTP/1 connections giving their buffers back, opaque TCP.
+//! - [`detect`], [`head`], `server`: listeners, protocol detection, header timers, idle
+//!   HTTP/1 connections giving their buffers back.
 
 #![forbid(unsafe_code)]
 

@@ -326,27 +326,27 @@ impl Metrics {
         );
         registry.register(
             "ferry_tcp_opened",
-            "Opaque TCP connections proxied, by direction and service",
+            "Opaque TCP connections and CONNECT tunnels proxied, by direction and service",
             self.tcp_opened.clone(),
         );
         registry.register(
             "ferry_tcp_closed",
-            "Opaque TCP connections ended, by direction and service",
+            "Opaque TCP connections and CONNECT tunnels ended, by direction and service",
             self.tcp_closed.clone(),
         );
         registry.register(
             "ferry_tcp_open_connections",
-            "Opaque TCP connections open now, by direction and service",
+            "Opaque TCP connections and CONNECT tunnels open now, by direction and service",
             self.tcp_open.clone(),
         );
         registry.register(
             "ferry_tcp_received_bytes",
-            "Bytes received from clients on opaque TCP connections",
+            "Bytes received from clients on opaque TCP connections and CONNECT tunnels",
             self.tcp_received.clone(),
         );
         registry.register(
             "ferry_tcp_sent_bytes",
-            "Bytes sent to clients on opaque TCP connections",
+            "Bytes sent to clients on opaque TCP connections and CONNECT tunnels",
             self.tcp_sent.clone(),
         );
         registry.register(

@@ -251,8 +251,7 @@ async fn serve_opaque(
     ctx: &ConnCtx,
 ) -> anyhow::Result<()> {
     let (dst, connect_timeout, service) = opaque_dst(shared, ctx).await?;
-    let direction = if ctx.inbound { "inbound" } else { "outbound" };
-    let stats = tcp::TcpStats::open(&shared.metrics, direction, &service);
+    let stats = tcp::TcpStats::open(&shared.metrics, ctx.direction(), &service);
     tcp::forward(stream, prefix, dst, connect_timeout, &stats).await?;
     Ok(())
 }
@@ -459,9 +458,7 @@ async fn opaque_dst(
         .service(shared)
         .await
         .ok_or_else(|| anyhow::anyhow!("no service for this listener"))?;
-    let set = svc.endpoints();
-    let key = crate::balance::request_key(set.lb(), &svc.settings.hash_on, None, ctx.peer);
-    let ep = set.pick(key, None).ok_or_else(|| {
+    let ep = svc.pick_for_connection(None, ctx.peer).ok_or_else(|| {
         shared.metrics.error(&svc.name, "no-endpoints");
         anyhow::anyhow!("service {} has no endpoints", svc.name)
     })?;

@@ -150,6 +150,18 @@ impl ServiceRt {
         self.endpoints.load_full()
     }
 
+    /// An endpoint for a whole connection (opaque TCP, a `CONNECT` tunnel), picked by
+    /// the service's balancer.
+    pub fn pick_for_connection(
+        &self,
+        headers: Option<&http::HeaderMap>,
+        peer: SocketAddr,
+    ) -> Option<Arc<Endpoint>> {
+        let set = self.endpoints();
+        let key = crate::balance::request_key(set.lb(), &self.settings.hash_on, headers, peer);
+        set.pick(key, None).cloned()
+    }
+
     /// Replaces the address list, keeping the state of endpoints that remain.
     fn set_addrs(&self, addrs: &[Addr], metrics: &Metrics) {
         let old = self.endpoints.load();

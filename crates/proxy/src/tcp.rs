@@ -1,4 +1,4 @@
-//! Opaque TCP: bytes copied both ways, half-close included.
+//! Opaque TCP and `CONNECT` tunnels: bytes copied both ways, half-close included.
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,12 +50,12 @@ impl Drop for TcpStats {
 
 /// The client side of an opaque connection, counting bytes as they pass, so a
 /// long-lived connection shows its traffic while it lasts.
-struct Counted<'a> {
-    io: TcpStream,
+struct Counted<'a, T> {
+    io: T,
     stats: &'a TcpStats,
 }
 
-impl AsyncRead for Counted<'_> {
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -71,7 +71,7 @@ impl AsyncRead for Counted<'_> {
     }
 }
 
-impl AsyncWrite for Counted<'_> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -103,11 +103,28 @@ pub async fn forward(
     connect_timeout: Duration,
     stats: &TcpStats,
 ) -> io::Result<(u64, u64)> {
-    stats.received.inc_by(prefix.len() as u64);
-    let mut upstream = tokio::time::timeout(connect_timeout, TcpStream::connect(dst))
+    let upstream = connect(dst, connect_timeout).await?;
+    splice(client, prefix, upstream, stats).await
+}
+
+/// A connection to `dst`, or a `TimedOut` error after `connect_timeout`.
+pub async fn connect(dst: SocketAddr, connect_timeout: Duration) -> io::Result<TcpStream> {
+    let upstream = tokio::time::timeout(connect_timeout, TcpStream::connect(dst))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     upstream.set_nodelay(true)?;
+    Ok(upstream)
+}
+
+/// Copies bytes both ways until both sides are done, `prefix` (already read from the
+/// client) first. Returns the bytes sent up and down.
+pub async fn splice<T: AsyncRead + AsyncWrite + Unpin>(
+    client: T,
+    prefix: Bytes,
+    mut upstream: TcpStream,
+    stats: &TcpStats,
+) -> io::Result<(u64, u64)> {
+    stats.received.inc_by(prefix.len() as u64);
     if !prefix.is_empty() {
         upstream.write_all(&prefix).await?;
     }

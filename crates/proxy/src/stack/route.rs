@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::Service as _;
@@ -25,6 +27,7 @@ use crate::body::ProxyBody;
 use crate::errors::ProxyError;
 use crate::http::{ClientIo, forwarded_for, is_grpc, strip_hop_by_hop, upgrade_protocol};
 use crate::state::{ServiceRt, Shared, Target};
+use crate::tcp;
 
 pub struct ConnCtx {
     pub peer: SocketAddr,
@@ -99,6 +102,11 @@ impl ConnCtx {
             .take()
     }
 
+    /// The `direction` label of this connection's metrics.
+    pub fn direction(&self) -> &'static str {
+        if self.inbound { "inbound" } else { "outbound" }
+    }
+
     /// Whether cancelled requests are most of this connection's, and too many.
     pub fn flooded(&self) -> bool {
         let n = self.cancelled.load(Ordering::Relaxed);
@@ -159,6 +167,9 @@ impl HttpProxy {
             let Some(svc) = self.conn.service(&self.shared).await else {
                 break 'call ProxyError::UnknownService.to_response(grpc);
             };
+            if req.method() == http::Method::CONNECT {
+                break 'call self.connect_tunnel(svc, req, start).await;
+            }
             let (route, _) = svc.route_for(req.uri().path());
             let calls = svc
                 .calls(route, self.conn.inbound, &self.shared.metrics)
@@ -223,6 +234,75 @@ impl HttpProxy {
         cancel.0 = None;
         Ok(resp)
     }
+
+    /// `CONNECT` (allowed by `http-connect: tunnel`): a TCP connection to one of the
+    /// service's endpoints, joined to the client's once ferry has answered 200 (HTTP/1.1:
+    /// the rest of the connection; HTTP/2: the stream). The target the client named is
+    /// not dialled: the listener's service decides where the bytes go, as it does for
+    /// requests. Counted as a call and as a TCP connection of the service.
+    async fn connect_tunnel(
+        &self,
+        svc: Arc<ServiceRt>,
+        mut req: Request<Incoming>,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        let calls = svc.calls(0, self.conn.inbound, &self.shared.metrics);
+        let opened = match svc.pick_for_connection(Some(req.headers()), self.conn.peer) {
+            None => Err(ProxyError::NoEndpoints),
+            Some(ep) => tcp::connect(ep.addr, svc.settings.connect_timeout)
+                .await
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::TimedOut => ProxyError::ConnectTimeout,
+                    _ => ProxyError::ConnectFailed,
+                }),
+        };
+        let upstream = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                self.shared.metrics.error(&svc.name, e.reason());
+                let status = e.http_status().as_u16();
+                calls.record(status, None, Some(e.reason()), start.elapsed());
+                return e.to_response(false);
+            }
+        };
+        let client = if req.version() == Version::HTTP_2 {
+            ClientSide::Stream(hyper::upgrade::on(&mut req))
+        } else {
+            // The connection itself, once hyper has ended it (see `ConnCtx::on_upgrade`).
+            req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+            ClientSide::Connection(self.conn.on_upgrade())
+        };
+        let stats = tcp::TcpStats::open(&self.shared.metrics, self.conn.direction(), &svc.name);
+        tokio::spawn(async move {
+            let spliced = match client {
+                ClientSide::Connection(rx) => match rx.await {
+                    Ok(io) => {
+                        let (unread, stream) = io.into_parts();
+                        tcp::splice(stream, unread, upstream, &stats).await
+                    }
+                    Err(_) => return,
+                },
+                ClientSide::Stream(up) => match up.await {
+                    Ok(io) => tcp::splice(TokioIo::new(io), Bytes::new(), upstream, &stats).await,
+                    Err(error) => {
+                        tracing::debug!(%error, "CONNECT: the client's stream was not handed over");
+                        return;
+                    }
+                },
+            };
+            if let Err(error) = spliced {
+                tracing::debug!(%error, "CONNECT tunnel ended with an error");
+            }
+        });
+        calls.record(200, None, None, start.elapsed());
+        Response::new(ProxyBody::empty())
+    }
+}
+
+/// Where a `CONNECT` tunnel's client bytes come from.
+enum ClientSide {
+    Connection(oneshot::Receiver<ClientIo>),
+    Stream(hyper::upgrade::OnUpgrade),
 }
 
 impl hyper::service::Service<Request<Incoming>> for HttpProxy {
