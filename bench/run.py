@@ -299,12 +299,13 @@ def main():
         if "moderate" in a.parts:
             moderate(a, procs, targets, body)
         anon = {t: v / 1024 for t, v in anon.stop().items()}
-        rss = {t: peak_rss_kib(procs[t].pid) / 1024 for t in targets if t in procs}
-        print("\npeak RSS under load, MiB: " + ", ".join(f"{t} {v:.1f}" for t, v in rss.items())
-              + (f"; ferry/bare {rss['ferry'] / rss['bare']:.2f} (goal <= 1.3)" if "bare" in rss else ""))
-        print("of which anonymous (each process's own; the rest is the binary's pages), MiB: "
-              + ", ".join(f"{t} {v:.1f}" for t, v in anon.items())
-              + (f"; ferry/bare {anon['ferry'] / anon['bare']:.2f}" if anon.get("bare") else ""))
+        if a.parts & {"saturated", "moderate"}:
+            rss = {t: peak_rss_kib(procs[t].pid) / 1024 for t in targets if t in procs}
+            print("\npeak RSS under load, MiB: " + ", ".join(f"{t} {v:.1f}" for t, v in rss.items())
+                  + (f"; ferry/bare {rss['ferry'] / rss['bare']:.2f} (goal <= 1.3)" if "bare" in rss else ""))
+            print("of which anonymous (each process's own; the rest is the binary's pages), MiB: "
+                  + ", ".join(f"{t} {v:.1f}" for t, v in anon.items())
+                  + (f"; ferry/bare {anon['ferry'] / anon['bare']:.2f}" if anon.get("bare") else ""))
         if "idle" in a.parts:
             idle(a, procs)
         if "conns" in a.parts:
