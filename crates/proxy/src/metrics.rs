@@ -99,6 +99,11 @@ pub struct ConnLabels {
     pub protocol: &'static str,
 }
 
+/// The `direction` label of a call's or a connection's series.
+pub fn direction(inbound: bool) -> &'static str {
+    if inbound { "inbound" } else { "outbound" }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub direction: &'static str,

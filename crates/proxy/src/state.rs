@@ -135,7 +135,7 @@ impl ServiceRt {
                 0 => String::new(),
                 i => route_label(&self.routes[i - 1].0),
             };
-            let direction = if inbound { "inbound" } else { "outbound" };
+            let direction = crate::metrics::direction(inbound);
             Arc::new(RouteMetrics::new(
                 metrics, direction, &self.name, &name, self.istio,
             ))

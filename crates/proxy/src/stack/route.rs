@@ -104,7 +104,7 @@ impl ConnCtx {
 
     /// The `direction` label of this connection's metrics.
     pub fn direction(&self) -> &'static str {
-        if self.inbound { "inbound" } else { "outbound" }
+        crate::metrics::direction(self.inbound)
     }
 
     /// Whether cancelled requests are most of this connection's, and too many.
