@@ -35,10 +35,12 @@ pub struct CallEnd {
 }
 
 impl CallEnd {
+    /// `grpc`: a gRPC call, whose response headers may hold its status (trailers-only).
     pub fn new(
         metrics: std::sync::Arc<RouteMetrics>,
         start: std::time::Instant,
         status: u16,
+        grpc: bool,
         headers: &HeaderMap,
         span: ActiveSpan,
     ) -> Self {
@@ -46,7 +48,7 @@ impl CallEnd {
             metrics,
             start,
             status,
-            grpc: grpc_status(headers),
+            grpc: if grpc { grpc_status(headers) } else { None },
             span,
             outcome: None,
         }

@@ -83,11 +83,12 @@ impl hyper::rt::Timer for ConnTimer {
     /// hyper asks for this when it starts waiting for a request head; `deadline` is
     /// now + header-read-timeout.
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        let header = deadline.saturating_duration_since(std::time::Instant::now());
+        // One clock read: this runs for every request of a keep-alive connection.
+        let started = Instant::now();
+        let header = deadline.saturating_duration_since(started.into_std());
         self.0.first_byte.store(0, Ordering::Relaxed);
         let may_release =
             self.0.waited.swap(true, Ordering::Relaxed) && RELEASE_IDLE_AFTER < self.0.idle;
-        let started = Instant::now();
         Box::pin(HeadSleep {
             clock: self.0.clone(),
             header,

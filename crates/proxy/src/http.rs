@@ -66,10 +66,17 @@ pub fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// The earlier of the policy's timeout and the client's own `grpc-timeout`.
-pub fn deadline(timeout: Option<Duration>, h: &HeaderMap, start: Instant) -> Option<Instant> {
-    let grpc = h
-        .get(GRPC_TIMEOUT)
+/// The earlier of the policy's timeout and, on a gRPC call, the client's own
+/// `grpc-timeout` (not looked up on other requests: a gRPC header).
+pub fn deadline(
+    timeout: Option<Duration>,
+    grpc: bool,
+    h: &HeaderMap,
+    start: Instant,
+) -> Option<Instant> {
+    let grpc = grpc
+        .then(|| h.get(GRPC_TIMEOUT))
+        .flatten()
         .and_then(|v| parse_grpc_timeout(v.as_bytes()));
     match (timeout, grpc) {
         (Some(a), Some(b)) => Some(start + a.min(b)),
@@ -109,7 +116,8 @@ pub fn set_grpc_timeout(h: &mut HeaderMap, left: Duration) {
     h.insert(GRPC_TIMEOUT, HeaderValue::from_str(&v).expect("digits"));
 }
 
-/// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
+/// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1); the names
+/// `strip_hop_by_hop` looks for, with `te`.
 static HOP_BY_HOP: [HeaderName; 5] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,
@@ -120,8 +128,17 @@ static HOP_BY_HOP: [HeaderName; 5] = [
 
 pub fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
     // One pass over the names first: most messages carry none of these, and a miss by
-    // name is cheaper than a hashed lookup for each.
-    let any = h.keys().any(|k| *k == header::TE || HOP_BY_HOP.contains(k));
+    // name (one string match a name) is cheaper than a hashed lookup for each.
+    let any = h.keys().any(|k| {
+        matches!(
+            k.as_str(),
+            "te" | "connection"
+                | "transfer-encoding"
+                | "upgrade"
+                | "keep-alive"
+                | "proxy-connection"
+        )
+    });
     if !any {
         return;
     }
@@ -188,5 +205,12 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h, true);
         assert!(!h.contains_key(header::TE));
+        // Each alone, so the first pass over the names must see it.
+        for name in &HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static("x"));
+            strip_hop_by_hop(&mut h, false);
+            assert!(h.is_empty(), "{name} left in");
+        }
     }
 }

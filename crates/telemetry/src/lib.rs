@@ -207,11 +207,14 @@ impl Tracer {
             route,
         } = call;
         let present = propagation::Present::scan(headers);
-        if !present.request_id() {
-            headers.insert(propagation::X_REQUEST_ID, propagation::request_id());
-        }
-        if formats.is_empty() && self.0.queue.is_none() {
-            return ActiveSpan(None);
+        let request_id = !present.request_id();
+        if formats.is_empty() {
+            if request_id {
+                headers.insert(propagation::X_REQUEST_ID, propagation::request_id());
+            }
+            if self.0.queue.is_none() {
+                return ActiveSpan(None);
+            }
         }
         let parent = propagation::extract_present(headers, present);
         let trace_id = parent
@@ -234,6 +237,7 @@ impl Tracer {
                 span_id,
                 parent_span,
                 sampled,
+                request_id,
             );
         }
         if !sampled || self.0.queue.is_none() {
@@ -479,7 +483,17 @@ mod tests {
         assert!(!s.is_recording(), "nothing records without an exporter");
         let p = propagation::extract(&h).unwrap();
         assert_eq!(p.sampled, Some(true));
-        assert_eq!(h["x-request-id"].len(), 32);
+        let id = h["x-request-id"].as_bytes();
+        assert_eq!(id.len(), 32);
+        assert!(id.iter().all(u8::is_ascii_hexdigit), "{id:?}");
+        assert!(h["x-request-id"].is_sensitive() && h["traceparent"].is_sensitive());
+        // Whatever the formats, even none.
+        for formats in [Formats::B3, Formats::NONE] {
+            let mut h = HeaderMap::new();
+            t.start(call(Kind::Client), formats, 1.0, &mut h);
+            assert_eq!(h["x-request-id"].len(), 32, "{formats}");
+            assert!(!h.contains_key("traceparent"), "{formats}");
+        }
         let mut h2 = HeaderMap::new();
         h2.insert("x-request-id", HeaderValue::from_static("given"));
         t.start(call(Kind::Client), Formats::W3C, 1.0, &mut h2);

@@ -1,6 +1,8 @@
 //! Trace-context header codecs: W3C `traceparent`, B3 (single and multi) and Jaeger
 //! `uber-trace-id`. Small and allocation-light, since they run on every request.
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use ferry_policy::Formats;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -176,21 +178,36 @@ pub fn extract_present(h: &HeaderMap, present: Present) -> Option<Parent> {
     None
 }
 
-const DIGITS: &[u8; 16] = b"0123456789abcdef";
+/// Each byte as two lowercase hex digits: a table lookup a byte rather than a digit.
+const PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+        i += 1;
+    }
+    t
+};
 
-/// A header value of hex fields, written into a fixed buffer (no formatting machinery:
-/// this runs on every request) that the value's [`Bytes`] then owns, so a clone of it
-/// (the retry layer keeps a copy of the request's headers) is a reference count.
+/// Header values of hex fields, written one after another into a fixed buffer (no
+/// formatting machinery: this runs on every request) that the values' [`Bytes`] then
+/// share: one allocation for a request's `x-request-id` and `traceparent`, and a clone
+/// of either (the retry layer keeps a copy of the request's headers) is a reference
+/// count.
 struct Hex {
-    buf: [u8; 96],
+    buf: [u8; 128],
     len: usize,
+    /// Where the value being written starts.
+    start: usize,
 }
 
 impl Hex {
     fn new() -> Hex {
         Hex {
-            buf: [0; 96],
+            buf: [0; 128],
             len: 0,
+            start: 0,
         }
     }
 
@@ -200,26 +217,42 @@ impl Hex {
         self
     }
 
-    /// `v` as lowercase hex, zero-padded to `digits`.
+    /// `v` as lowercase hex, zero-padded to `digits` (even).
     fn hex(&mut self, mut v: u128, digits: usize) -> &mut Hex {
-        for b in self.buf[self.len..self.len + digits].iter_mut().rev() {
-            *b = DIGITS[(v & 0xf) as usize];
-            v >>= 4;
+        for pair in self.buf[self.len..self.len + digits].rchunks_exact_mut(2) {
+            pair.copy_from_slice(&PAIRS[(v & 0xff) as usize]);
+            v >>= 8;
         }
         self.len += digits;
         self
     }
 
-    /// Marked sensitive: no other request carries this value, so HTTP/2 sends it as a
-    /// literal never indexed; in the HPACK tables of both ends it would only evict
-    /// entries that do repeat (`:path`, `content-type`).
+    /// Ends the value being written: where it lies in the buffer.
+    fn cut(&mut self) -> Range<usize> {
+        let r = self.start..self.len;
+        self.start = self.len;
+        r
+    }
+
+    /// The buffer, for the values cut from it.
+    fn share(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+
+    /// The one value written.
     fn value(&mut self) -> HeaderValue {
         let owned = std::mem::replace(self, Hex::new());
-        let mut v = HeaderValue::from_maybe_shared(Bytes::from_owner(owned))
-            .expect("hex digits and separators");
-        v.set_sensitive(true);
-        v
+        unique(owned.share())
     }
+}
+
+/// Marked sensitive: no other request carries this value, so HTTP/2 sends it as a
+/// literal never indexed; in the HPACK tables of both ends it would only evict entries
+/// that do repeat (`:path`, `content-type`).
+fn unique(b: Bytes) -> HeaderValue {
+    let mut v = HeaderValue::from_maybe_shared(b).expect("hex digits and separators");
+    v.set_sensitive(true);
+    v
 }
 
 impl AsRef<[u8]> for Hex {
@@ -251,10 +284,13 @@ pub fn inject(
         span_id,
         parent,
         sampled,
+        false,
     )
 }
 
-/// [`inject`], removing only the headers `present` says are there.
+/// [`inject`], removing only the headers `present` says are there; with `request_id`,
+/// also a new `x-request-id` (sharing `traceparent`'s allocation).
+#[allow(clippy::too_many_arguments)]
 pub fn inject_present(
     h: &mut HeaderMap,
     present: Present,
@@ -263,6 +299,7 @@ pub fn inject_present(
     span_id: u64,
     parent: Option<u64>,
     sampled: bool,
+    request_id: bool,
 ) {
     if present.has(Present::FOREIGN) {
         for name in [
@@ -279,17 +316,28 @@ pub fn inject_present(
     }
     let (span, sampled_flag) = (span_id as u128, if sampled { b"1" } else { b"0" });
     if formats.contains(Formats::W3C) {
-        let v = Hex::new()
+        let mut ids = Hex::new();
+        let id = request_id.then(|| ids.hex(fastrand::u128(..), 32).cut());
+        let tp = ids
             .text(b"00-")
             .hex(trace_id, 32)
             .text(b"-")
             .hex(span, 16)
             .text(if sampled { b"-01" } else { b"-00" })
-            .value();
-        h.insert(TRACEPARENT, v);
-    } else if present.has(Present::TRACEPARENT | Present::TRACESTATE) {
-        h.remove(&TRACEPARENT);
-        h.remove(&TRACESTATE);
+            .cut();
+        let ids = ids.share();
+        if let Some(id) = id {
+            h.insert(X_REQUEST_ID, unique(ids.slice(id)));
+        }
+        h.insert(TRACEPARENT, unique(ids.slice(tp)));
+    } else {
+        if request_id {
+            h.insert(X_REQUEST_ID, self::request_id());
+        }
+        if present.has(Present::TRACEPARENT | Present::TRACESTATE) {
+            h.remove(&TRACEPARENT);
+            h.remove(&TRACESTATE);
+        }
     }
     if formats.contains(Formats::B3) {
         let mut v = Hex::new();

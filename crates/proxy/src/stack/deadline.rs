@@ -45,7 +45,7 @@ where
     fn call(&mut self, mut call: Call<B>) -> Self::Future {
         let ctx = &mut call.ctx;
         let s = ctx.settings();
-        let by = deadline(s.timeout, call.req.headers(), ctx.start);
+        let by = deadline(s.timeout, ctx.grpc, call.req.headers(), ctx.start);
         let headers_by = earliest(
             by.map(|d| (d, ProxyError::Timeout)),
             s.response_timeout

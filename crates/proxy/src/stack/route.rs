@@ -117,18 +117,27 @@ impl ConnCtx {
     /// resolved once per connection and policy version (a transparent destination may
     /// wait for discovery's first answer), then read without a lock.
     pub async fn service(&self, shared: &Arc<Shared>) -> Option<Arc<ServiceRt>> {
-        {
-            let rt = shared.load();
-            if let Target::Listener(i) = self.target {
-                return rt.listener_service(i).cloned();
-            }
-            if let Some(s) = &*self.cached.load()
-                && s.version == rt.version
-            {
-                return Some(s.clone());
-            }
+        match self.known_service(shared) {
+            Ok(svc) => svc,
+            // Boxed: kept out of every request's future.
+            Err(()) => Box::pin(self.resolve_service(shared)).await,
         }
-        // Once per connection and policy version: may wait for discovery's first answer.
+    }
+
+    /// The service without waiting; `Err` when it must be resolved first.
+    fn known_service(&self, shared: &Shared) -> Result<Option<Arc<ServiceRt>>, ()> {
+        let rt = shared.load();
+        if let Target::Listener(i) = self.target {
+            return Ok(rt.listener_service(i).cloned());
+        }
+        match &*self.cached.load() {
+            Some(s) if s.version == rt.version => Ok(Some(s.clone())),
+            _ => Err(()),
+        }
+    }
+
+    /// Once per connection and policy version: may wait for discovery's first answer.
+    async fn resolve_service(&self, shared: &Arc<Shared>) -> Option<Arc<ServiceRt>> {
         let rt = shared.load_full();
         let svc = shared.resolve(&rt, self.target).await?;
         self.cached.store(Some(svc.clone()));
@@ -168,7 +177,8 @@ impl HttpProxy {
                 break 'call ProxyError::UnknownService.to_response(grpc);
             };
             if req.method() == http::Method::CONNECT {
-                break 'call self.connect_tunnel(svc, req, start).await;
+                // Boxed: a rare path, kept out of every request's future.
+                break 'call Box::pin(self.connect_tunnel(svc, req, start)).await;
             }
             let (route, _) = svc.route_for(req.uri().path());
             let calls = svc

@@ -115,6 +115,7 @@ fn answered(a: Answer) -> Response<ProxyBody> {
         calls,
         start.into_std(),
         resp.status().as_u16(),
+        grpc,
         resp.headers(),
         span,
     );
