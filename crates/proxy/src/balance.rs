@@ -274,9 +274,13 @@ impl Endpoint {
     }
 
     fn decayed(&self, now: u64) -> f64 {
-        let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        f64::from_bits(self.rtt_ns.load(Ordering::Relaxed)) * self.decay(now)
+    }
+
+    /// How much of the estimate is left at `now`, since the last sample.
+    fn decay(&self, now: u64) -> f64 {
         let elapsed = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
-        rtt * (-elapsed / DECAY.as_nanos() as f64).exp()
+        (-elapsed / DECAY.as_nanos() as f64).exp()
     }
 
     /// Records one response latency: a slower sample replaces the estimate at once,
@@ -289,15 +293,10 @@ impl Endpoint {
         }
         self.answered.store(true, Ordering::Relaxed);
         let now = now_ns();
-        let sample = rtt.as_nanos() as f64;
-        let current = self.decayed(now);
-        let next = if sample > current {
-            sample
-        } else {
-            let elapsed = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
-            let w = (-elapsed / DECAY.as_nanos() as f64).exp();
-            current * w + sample * (1.0 - w)
-        };
+        // Through u64 (585 years of nanoseconds): a u128 to f64 conversion is a libcall.
+        let sample = rtt.as_nanos() as u64 as f64;
+        let estimate = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
+        let next = next_estimate(estimate, self.decay(now), sample);
         // Racing writers may lose a sample; the estimate stays sound.
         self.rtt_ns.store(next.to_bits(), Ordering::Relaxed);
         self.stamp_ns.store(now, Ordering::Relaxed);
@@ -311,6 +310,17 @@ impl Endpoint {
     /// Expected wait for a new request: latency times the requests ahead of it.
     fn ewma_cost(&self, now: u64) -> f64 {
         self.decayed(now).max(1.0) * (self.in_flight() + 1) as f64
+    }
+}
+
+/// Peak EWMA: the estimate decayed by `w` (what is left of it since the last sample),
+/// replaced by a slower sample, or moved toward a faster one by what decayed.
+fn next_estimate(estimate: f64, w: f64, sample: f64) -> f64 {
+    let current = estimate * w;
+    if sample > current {
+        sample
+    } else {
+        current + sample * (1.0 - w)
     }
 }
 
@@ -873,6 +883,16 @@ mod tests {
             assert!((1200..2800).contains(&on_removed), "{lb}: {on_removed}");
             assert!(moved < keys / 20, "{lb}: {moved} keys moved needlessly");
         }
+    }
+
+    #[test]
+    fn the_estimate_decays_once_a_sample() {
+        // Half of a 100 ms estimate is left: a 10 ms sample moves it to 50 + 10 * 0.5.
+        assert_eq!(next_estimate(100e6, 0.5, 10e6), 55e6);
+        // Slower than what is left: the sample is the estimate (peak).
+        assert_eq!(next_estimate(100e6, 0.5, 60e6), 60e6);
+        // No time since the last sample: a faster one changes nothing yet.
+        assert_eq!(next_estimate(100e6, 1.0, 10e6), 100e6);
     }
 
     #[test]

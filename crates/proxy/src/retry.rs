@@ -146,11 +146,10 @@ impl Budget {
         s
     }
 
-    /// Every request that could be retried earns a fifth of a retry.
-    pub fn deposit(&self) {
-        self.slot(now_secs())
-            .requests
-            .fetch_add(1, Ordering::Relaxed);
+    /// Every request that could be retried earns a fifth of a retry; `at`: when it came
+    /// (a clock read the request has made already).
+    pub fn deposit(&self, at: Instant) {
+        self.slot(secs(at)).requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry if the window allows it.
@@ -180,11 +179,16 @@ impl Default for Budget {
     }
 }
 
-/// Whole seconds on a monotonic clock, starting a window late so a slot's zeroed
-/// `second` never counts as live.
 fn now_secs() -> u64 {
+    secs(Instant::now())
+}
+
+/// `at` in whole seconds on a monotonic clock, starting a window late so a slot's
+/// zeroed `second` never counts as live.
+fn secs(at: Instant) -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_secs() + Budget::WINDOW_SECS
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    at.saturating_duration_since(epoch).as_secs() + Budget::WINDOW_SECS
 }
 
 /// A request body read once from the client and kept, up to [`REPLAY_LIMIT`], so a
@@ -368,7 +372,7 @@ mod tests {
     fn the_budget_allows_a_fifth_of_recent_requests_plus_a_floor() {
         let b = Budget::new();
         for _ in 0..1000 {
-            b.deposit();
+            b.deposit(Instant::now());
         }
         let floor = (Budget::MIN_PER_SEC as u64 * Budget::WINDOW_SECS) as usize;
         let granted = (0..2000).take_while(|_| b.withdraw()).count();

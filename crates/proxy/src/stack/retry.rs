@@ -88,7 +88,7 @@ where
         let r = Replay::new(body, may_resend(head.version, &head.method, ctx.settings()));
         (ReqBody::replay(r.attempt()), Some(r))
     };
-    ctx.svc.retry_budget.deposit();
+    ctx.svc.retry_budget.deposit(ctx.start.into_std());
     let mut req = Request::from_parts(parts, body.with_activity(ctx.activity.clone()));
     let mut attempt = 0;
     loop {
