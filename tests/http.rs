@@ -151,6 +151,17 @@ async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
     (head, body)
 }
 
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n";
+
+/// A new connection that has had one [`GET`] answered 200: it, and the body.
+async fn get_ok(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    (s, body)
+}
+
 async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
@@ -509,16 +520,12 @@ async fn idle_connections_give_their_buffers_back_and_still_serve() {
         &[],
     );
     let pid = f.child.id();
-    let get = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n";
     let before = support::proc_status(pid, "VmRSS");
     let mut conns = Vec::new();
     // Ten at a time, so that the upstream pool stays small beside the 500.
     for _ in 0..CONNS / 10 {
         let batch = (0..10).map(|_| async {
-            let mut s = TcpStream::connect(f.addr("web")).await.unwrap();
-            s.write_all(get).await.unwrap();
-            let (head, body) = read_response(&mut s).await;
-            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            let (s, body) = get_ok(f.addr("web")).await;
             assert_eq!(body, b"hello from a\n");
             s
         });
@@ -538,19 +545,19 @@ async fn idle_connections_give_their_buffers_back_and_still_serve() {
 
     // Every one still serves: whole requests, one in two pieces, two pipelined.
     for s in conns.iter_mut().skip(2) {
-        s.write_all(get).await.unwrap();
+        s.write_all(GET).await.unwrap();
         let (head, _) = read_response(s).await;
         assert!(head.starts_with("HTTP/1.1 200"), "after release: {head}");
     }
     let (pieces, rest) = conns.split_at_mut(1);
     let s = &mut pieces[0];
-    s.write_all(&get[..9]).await.unwrap();
+    s.write_all(&GET[..9]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    s.write_all(&get[9..]).await.unwrap();
+    s.write_all(&GET[9..]).await.unwrap();
     let (head, _) = read_response(s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "in pieces: {head}");
     let s = &mut rest[0];
-    s.write_all(&[&get[..], &get[..]].concat()).await.unwrap();
+    s.write_all(&[GET, GET].concat()).await.unwrap();
     for _ in 0..2 {
         let (head, _) = read_response(s).await;
         assert!(head.starts_with("HTTP/1.1 200"), "pipelined: {head}");
@@ -600,14 +607,7 @@ async fn closed_client_and_pool_connections_give_their_memory_back() {
     support::clear_child_env();
     let pid = f.child.id();
     let before = support::proc_status(pid, "VmRSS");
-    let calls = (0..CONNS).map(|_| async {
-        let mut s = TcpStream::connect(f.addr("web")).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-            .await
-            .unwrap();
-        let (head, _) = read_response(&mut s).await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    });
+    let calls = (0..CONNS).map(|_| get_ok(f.addr("web")));
     futures::future::join_all(calls).await;
     let served = Instant::now();
     let busy = rss_each(pid, before, CONNS);
@@ -678,12 +678,7 @@ async fn an_upgrade_becomes_a_tunnel_even_after_the_connection_idled() {
         }
     });
     let f = Ferry::start(&policy(&[up], ""), &[], &[]);
-    let mut s = TcpStream::connect(f.addr("web")).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (mut s, body) = get_ok(f.addr("web")).await;
     assert_eq!(body, b"ok");
     // Past the second after which an idle connection is released.
     tokio::time::sleep(Duration::from_millis(1500)).await;
